@@ -1,0 +1,1 @@
+"""Preparation tools (the write side): ingest, synth, to-soma, inspect, validate."""

@@ -1,0 +1,210 @@
+"""One typed config tree: dataclasses with defaults and docs, strict YAML, `--section.key=value` overrides.
+
+Each component receives only its own section (`cfg.data`, `cfg.model`, ...). Unknown keys are errors, so a
+typo in a YAML file or an override never silently falls back to a default. Each field's one-line doc is the
+string in its `metadata["doc"]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sclabel_dist.errors import SclabelError
+
+T = TypeVar("T")
+
+
+def doc(default: Any, text: str) -> Any:
+    """A dataclass field with a default and a one-line doc (lists and dicts get a fresh copy)."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass
+class DataConfig:
+    """Where cells come from and how they are streamed."""
+
+    stores: list[str] = doc([], "paths of cell stores (Zarr store directories or SOMA experiment URIs)")
+    weights: list[float] = doc([], "mixing weights, one per store; empty = proportional to size")
+    obs_filter: dict[str, list[str]] = doc({}, "keep only cells whose obs column value is in the list")
+    val_fraction: float = doc(0.0, "fraction of cells held out for validation (by chunk, seeded)")
+    val_datasets: list[str] = doc([], "datasets held out for validation entirely (overrides val_fraction)")
+    batch_size: int = doc(32, "cells per micro-batch per rank")
+    chunk_size: int = doc(64, "contiguous rows read together; the unit of the shuffle")
+    shuffle_chunks: int = doc(32, "chunks mixed in the shuffle buffer")
+    read_threads: int = doc(2, "background reader threads")
+    read_ahead: int = doc(4, "blocks read ahead per thread (bounds memory)")
+    drop_last: bool = doc(True, "drop the ragged last batch so every rank gets equal batches")
+
+
+@dataclass
+class TokenizeConfig:
+    """How a cell becomes tokens: the exact settings are saved in the export bundle."""
+
+    max_len: int = doc(512, "tokens per cell including CLS; more non-zero genes are subsampled")
+    value_encoding: str = doc("binned", "'binned' (per-cell quantile bins, as scGPT) or 'continuous' (log1p per 10k)")
+    num_bins: int = doc(51, "number of expression bins for the binned encoding")
+    train_gene_selection: str = doc("random", "'random' (seeded subset) or 'top' when a cell has > max_len genes")
+    eval_gene_selection: str = doc("top", "gene selection at evaluation / inference (deterministic)")
+    mask_ratio: float = doc(0.15, "fraction of a cell's real tokens whose value is masked for MLM")
+
+
+@dataclass
+class ModelConfig:
+    """ScLabel-Net architecture; `flavour` picks a size from the table, non-zero fields override it."""
+
+    flavour: str = doc("debug", "size flavour: debug, small, base, large")
+    dim: int = doc(0, "hidden width (0 = from flavour)")
+    depth: int = doc(0, "encoder blocks (0 = from flavour)")
+    heads: int = doc(0, "attention heads (0 = from flavour)")
+    mlp_ratio: float = doc(4.0, "MLP hidden width / dim")
+    dropout: float = doc(0.0, "dropout in attention output and MLP")
+    activation_checkpointing: bool = doc(False, "recompute block activations in backward to save memory")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    seed: int = doc(0, "seed for model init, data order and masking")
+    max_steps: int = doc(100, "optimizer steps to run")
+    lr: float = doc(1e-3, "peak learning rate")
+    min_lr_ratio: float = doc(0.1, "final lr as a fraction of the peak (cosine decay)")
+    warmup_steps: int = doc(10, "linear warmup steps")
+    weight_decay: float = doc(0.01, "AdamW weight decay")
+    grad_accum: int = doc(1, "micro-batches per optimizer step")
+    grad_clip: float = doc(1.0, "gradient norm clip (0 = off)")
+    precision: str = doc("fp32", "'fp32' or 'bf16'")
+    zero_stage: int = doc(2, "DeepSpeed ZeRO stage: 0, 1, 2 or 3")
+    val_every: int = doc(0, "validation loss every N steps (0 = off)")
+    val_batches: int = doc(4, "batches per validation")
+
+
+@dataclass
+class CheckpointConfig:
+    """Where and how often the run is checkpointed."""
+
+    dir: str = doc("runs/pretrain/checkpoints", "checkpoint directory")
+    every: int = doc(50, "save every N steps (and always at the end)")
+    keep: int = doc(3, "keep the last K checkpoints")
+    resume: str = doc("auto", "'auto' (newest complete checkpoint if any), 'never', or a checkpoint path")
+
+
+@dataclass
+class LogConfig:
+    """Logging on rank 0."""
+
+    dir: str = doc("runs/pretrain/logs", "JSONL and TensorBoard directory")
+    every: int = doc(10, "log every N steps")
+    tensorboard: bool = doc(True, "write TensorBoard event files")
+    progress: bool = doc(True, "progress bar when attached to a terminal")
+
+
+@dataclass
+class PretrainConfig:
+    """The root of a pretraining run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loading
+
+
+def from_dict(cls: type[T], raw: dict[str, Any], where: str = "config") -> T:
+    """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise SclabelError."""
+    if not isinstance(raw, dict):
+        raise SclabelError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise SclabelError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _coerce(args[0], value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise SclabelError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SclabelError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise SclabelError(f"{where}: expected true/false, got {value!r}")
+    if hint in (int, float, str):
+        try:
+            if hint is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return hint(value)
+        except (TypeError, ValueError):
+            raise SclabelError(f"{where}: expected {hint.__name__}, got {value!r}") from None
+    return value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain JSON-able data (saved in checkpoints and bundles)."""
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings (a leading `--` is allowed) onto a nested dict; values are YAML."""
+    import yaml
+
+    raw = dict(raw)
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        if "=" not in text:
+            raise SclabelError(f"override {item!r}: expected section.key=value")
+        dotted, value_text = text.split("=", 1)
+        keys = dotted.split(".")
+        node = raw
+        for key in keys[:-1]:
+            node[key] = dict(node.get(key) or {})
+            node = node[key]
+        node[keys[-1]] = yaml.safe_load(value_text)
+    return raw
+
+
+def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
+    """Read a YAML file (or nothing: all defaults), apply overrides, validate strictly."""
+    import yaml
+
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SclabelError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise SclabelError(f"{path}: invalid YAML: {exc}") from None
+    raw = apply_overrides(raw, overrides or [])
+    return from_dict(cls, raw, where=str(path) if path else "config")

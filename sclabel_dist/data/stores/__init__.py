@@ -1,0 +1,1 @@
+"""CellStore implementations: our sharded Zarr store and TileDB-SOMA experiments."""

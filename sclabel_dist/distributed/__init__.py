@@ -1,0 +1,1 @@
+"""torchrun environment, DeepSpeed configuration and engine."""

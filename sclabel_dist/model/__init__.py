@@ -1,0 +1,1 @@
+"""ScLabel-Net: a single-device torch transformer over gene tokens with expression values."""
