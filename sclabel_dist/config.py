@@ -48,9 +48,13 @@ class TokenizeConfig:
     """How a cell becomes tokens: the exact settings are saved in the export bundle."""
 
     max_len: int = doc(512, "tokens per cell including CLS; more non-zero genes are subsampled")
-    value_encoding: str = doc("binned", "'binned' (per-cell quantile bins, as scGPT) or 'continuous' (log1p per 10k)")
+    value_encoding: str = doc(
+        "binned", "'binned' (per-cell quantile bins, as scGPT) or 'continuous' (log1p per 10k)"
+    )
     num_bins: int = doc(51, "number of expression bins for the binned encoding")
-    train_gene_selection: str = doc("random", "'random' (seeded subset) or 'top' when a cell has > max_len genes")
+    train_gene_selection: str = doc(
+        "random", "'random' (seeded subset) or 'top' when a cell has > max_len genes"
+    )
     eval_gene_selection: str = doc("top", "gene selection at evaluation / inference (deterministic)")
     mask_ratio: float = doc(0.15, "fraction of a cell's real tokens whose value is masked for MLM")
 

@@ -38,8 +38,11 @@ class CellBatch:
 
     def pin_memory(self) -> CellBatch:
         return CellBatch(
-            **{f.name: (v.pin_memory() if isinstance(v, torch.Tensor) else v)
-               for f in fields(self) for v in [getattr(self, f.name)]}
+            **{
+                f.name: (v.pin_memory() if isinstance(v, torch.Tensor) else v)
+                for f in fields(self)
+                for v in [getattr(self, f.name)]
+            }
         )
 
     @property
