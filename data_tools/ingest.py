@@ -1,0 +1,269 @@
+"""`sclabel-data ingest`: .h5ad / 10x / SOMA inputs -> one sharded Zarr cell store, out-of-core, atomically.
+
+Per input: open -> scan (value checks, per-gene totals) -> match genes to the vocabulary -> report (refuse
+under --min-match) -> write row blocks (optionally through the out-of-core shuffle). Nothing is written
+until every input has been scanned and matched, so a bad input leaves no store behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from data_tools.readers import InputReader, open_input
+from data_tools.scan import InputStats, decide_value_kind, scan_input
+from data_tools.shuffle_write import num_buckets, shuffled_blocks
+from data_tools.vocab_build import build_vocab_from_union
+from data_tools.writer import StoreWriter, staged_store
+from sclabel_dist.data import format as fmt
+from sclabel_dist.errors import SclabelError
+from sclabel_dist.vocab import GeneMatch, GeneVocab, remap_csr
+
+
+@dataclass
+class Prepared:
+    """One input after the scan: ready to write."""
+
+    name: str
+    reader: InputReader
+    stats: InputStats
+    value_kind: str
+    match: GeneMatch | None = None
+    report: dict | None = None
+    obs_present: list[str] | None = None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sclabel-data ingest", description=__doc__.splitlines()[0])
+    p.add_argument("inputs", nargs="+", help=".h5ad files, 10x directories or SOMA experiment URIs")
+    p.add_argument("-o", "--out", required=True, help="store directory to create (or extend with --append)")
+    p.add_argument(
+        "--dataset-name", action="append", default=[], help="name per input (repeat; default: file stem)"
+    )
+    p.add_argument("--vocab", help="vocabulary JSON to map genes to (default: union of the inputs)")
+    p.add_argument("--min-cells", type=int, default=1, help="union vocabulary keeps genes seen in >= N cells")
+    p.add_argument(
+        "--min-match",
+        type=float,
+        default=0.5,
+        help="refuse an input whose matched genes carry less than this fraction of its counts",
+    )
+    p.add_argument(
+        "--layer",
+        help="h5ad layer / SOMA X layer to read (default: X, or layers['counts'] when X is not counts)",
+    )
+    p.add_argument("--use-raw", action="store_true", help="h5ad: read raw/X and raw/var")
+    p.add_argument("--gene-column", help="var column holding gene symbols (default: var index)")
+    p.add_argument(
+        "--ensembl-column",
+        help="var column holding Ensembl IDs (default: ensembl / gene_ids ... when present)",
+    )
+    p.add_argument("--measurement", default="RNA", help="SOMA measurement")
+    p.add_argument(
+        "--value-kind",
+        default="auto",
+        choices=["auto", "counts", "lognorm"],
+        help="how X is stored; auto = uns hint, else integers -> counts",
+    )
+    p.add_argument(
+        "--obs-columns",
+        default="",
+        help="comma-separated obs columns to keep, e.g. cell_type,batch; a trailing '?' (cell_type?) makes one optional: inputs without it get missing values",
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--append", action="store_true", help="add datasets to an existing store (same vocabulary)"
+    )
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument(
+        "--shuffle",
+        action="store_true",
+        help="globally shuffle each dataset's cells at write time (out-of-core)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of --shuffle")
+    p.add_argument(
+        "--rows-per-shard", type=int, help="rows per shard (default: from mean non-zeros per cell)"
+    )
+    p.add_argument("--block-rows", type=int, default=4096, help="rows read per block")
+    p.add_argument("--tmp-dir", help="directory for temporary spill files (10x, shuffle)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def dataset_names(inputs: Sequence[str], given: Sequence[str]) -> list[str]:
+    """One name per input: the given ones, else the file stem (sanitised, made unique)."""
+    if given and len(given) != len(inputs):
+        raise SclabelError(
+            f"{len(given)} --dataset-name for {len(inputs)} inputs: give one per input or none"
+        )
+    names = list(given) or [
+        re.sub(r"[^A-Za-z0-9_.\-]", "_", Path(str(i).rstrip("/")).name.removesuffix(".h5ad")) for i in inputs
+    ]
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}_{seen[n]}")
+    return out
+
+
+def choose_vocab(args: argparse.Namespace, prepared: list[Prepared]) -> GeneVocab:
+    """The store's vocabulary when appending, else --vocab, else the union of the inputs."""
+    if args.append:
+        vocab = GeneVocab.from_json(Path(args.out) / fmt.VOCAB_FILE)
+        if args.vocab and GeneVocab.from_json(args.vocab).hash != vocab.hash:
+            raise SclabelError(
+                f"--vocab {args.vocab} differs from the store's {Path(args.out) / fmt.VOCAB_FILE}; drop --vocab to use the store's"
+            )
+        return vocab
+    if args.vocab:
+        return GeneVocab.from_json(args.vocab)
+    return build_vocab_from_union(
+        [(p.reader.var_names, p.reader.ensembl, p.stats.cells_per_column) for p in prepared], args.min_cells
+    )
+
+
+def print_report(p: Prepared) -> None:
+    r = p.report or {}
+    print(
+        f"{p.name}: {p.stats.num_rows} cells, {p.value_kind}; genes matched {r['genes_matched']}/{r['genes_total']}"
+        f" ({r['fraction_genes']:.1%}), fraction of counts {r['fraction_counts']:.1%}, duplicates dropped {r['duplicates_dropped']}"
+    )
+
+
+def check_match(p: Prepared, min_match: float) -> None:
+    r = p.report or {}
+    if r["fraction_counts"] < min_match:
+        lost = ", ".join(g for g, _ in r["top_unmatched_by_counts"][:5])
+        raise SclabelError(
+            f"{p.reader.path}: genes matching the vocabulary carry only {r['fraction_counts']:.1%} of counts "
+            f"({r['genes_matched']}/{r['genes_total']} genes; biggest unmatched: {lost}), under --min-match "
+            f"{min_match}. Check the gene naming (--gene-column / --ensembl-column), the species, or the vocabulary; "
+            "or lower --min-match"
+        )
+
+
+def parse_obs_columns(text: str) -> tuple[list[str], set[str]]:
+    """'cell_type?,batch' -> (['cell_type', 'batch'], {'cell_type'}): all columns and the optional ones."""
+    items = [c.strip() for c in text.split(",") if c.strip()]
+    return [c.rstrip("?") for c in items], {c.rstrip("?") for c in items if c.endswith("?")}
+
+
+def present_columns(reader: InputReader, columns: list[str], optional: set[str]) -> list[str]:
+    """The columns this input has; a missing required one raises SclabelError naming the file and column."""
+    have = []
+    for c in columns:
+        try:
+            reader.obs([c], 0, min(1, reader.num_rows))
+            have.append(c)
+        except SclabelError:
+            if c not in optional:
+                raise
+    return have
+
+
+def row_blocks(p: Prepared, columns: list[str], block_rows: int):
+    """(CSR in vocabulary space, obs values) blocks of one input, in file order; absent columns are None."""
+    for start, block in p.reader.blocks(block_rows):
+        n = block.shape[0]
+        obs = p.reader.obs(p.obs_present, start, start + n)
+        yield remap_csr(block, p.match), {c: obs.get(c, np.full(n, None, dtype=object)) for c in columns}
+
+
+def write_dataset(
+    store: Path, vocab: GeneVocab, p: Prepared, mode: str, args: argparse.Namespace, columns: list[str]
+) -> None:
+    blocks: Any = row_blocks(p, columns, args.block_rows)
+    if args.shuffle:
+        nb = num_buckets(p.stats.nnz, p.stats.num_rows)
+        blocks = shuffled_blocks(blocks, columns, len(vocab), nb, args.seed, args.tmp_dir)
+    bar = tqdm(total=p.stats.num_rows, desc=f"write {p.name}", unit="cells", disable=args.no_progress)
+    with StoreWriter(
+        store,
+        vocab,
+        p.name,
+        value_kind=p.value_kind,
+        obs_columns=columns,
+        rows_per_shard=args.rows_per_shard,
+        mean_nnz_hint=p.stats.nnz / max(p.stats.num_rows, 1),
+        mode=mode,
+        source=str(p.reader.path),
+        match_report=p.report,
+    ) as writer:
+        for mat, obs in blocks:
+            writer.write_block(mat, obs)
+            bar.update(mat.shape[0])
+    bar.close()
+
+
+def ingest(args: argparse.Namespace) -> fmt.StoreIndex:
+    """Run an ingest from parsed arguments; returns the final index."""
+    columns, optional = parse_obs_columns(args.obs_columns)
+    names = dataset_names(args.inputs, args.dataset_name)
+    out = Path(args.out)
+    if args.append:
+        existing = {d.name for d in fmt.read_index(out).datasets}
+        clash = sorted(set(names) & existing)
+        if clash:
+            raise SclabelError(f"{out}: dataset(s) {clash} already in the store; pick other --dataset-name")
+    elif out.exists() and not args.overwrite:
+        raise SclabelError(
+            f"{out}: already exists; use --append to add datasets or --overwrite to replace it"
+        )
+    prepared: list[Prepared] = []
+    try:
+        for path, name in zip(args.inputs, names, strict=True):
+            reader = open_input(
+                path,
+                layer=args.layer,
+                use_raw=args.use_raw,
+                gene_column=args.gene_column,
+                ensembl_column=args.ensembl_column,
+                measurement=args.measurement,
+                workdir=args.tmp_dir,
+            )
+            prepared.append(Prepared(name, reader, None, ""))  # type: ignore[arg-type]
+            prepared[-1].obs_present = present_columns(reader, columns, optional)  # fail before any work
+            stats = scan_input(reader, args.block_rows, progress=not args.no_progress)
+            prepared[-1].stats = stats
+            prepared[-1].value_kind = decide_value_kind(stats, reader, args.value_kind)
+        vocab = choose_vocab(args, prepared)
+        for p in prepared:
+            p.match = vocab.match(p.reader.var_names, p.reader.ensembl)
+            p.report = {
+                "dataset": p.name,
+                "source": str(p.reader.path),
+                "value_kind": p.value_kind,
+                **p.match.report(p.stats.sum_per_column),
+            }
+            print_report(p)
+        for p in prepared:
+            check_match(p, args.min_match)
+        if args.append:
+            for p in prepared:
+                write_dataset(out, vocab, p, "append", args, columns)
+        else:
+            with staged_store(out, overwrite=args.overwrite) as staged:
+                for i, p in enumerate(prepared):
+                    write_dataset(staged, vocab, p, "create" if i == 0 else "append", args, columns)
+    finally:
+        for p in prepared:
+            p.reader.close()
+    index = fmt.read_index(out)
+    print(
+        f"{out}: {index.num_rows} cells, {index.num_genes} genes, {index.nnz} non-zeros, {index.num_shards} shards"
+    )
+    return index
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    ingest(args)
+    return 0

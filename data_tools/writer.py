@@ -1,0 +1,371 @@
+"""StoreWriter: stream CSR row blocks of one dataset into a cell store, atomically (layout in format.py).
+
+Crash safety: a new store is built in a sibling temp directory and renamed into place at close; an append
+writes its shards under shards/.tmp-*, renames them into place, and replaces index.json LAST. A SIGKILL at any
+point leaves the old store (still valid) or nothing with an index.json; stale temp dirs are removed by the
+next writer. Memory is bounded by one part (rows_per_shard rows) whatever the input size.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from sclabel_dist.data import format as fmt
+from sclabel_dist.errors import SclabelError
+from sclabel_dist.vocab import GeneVocab
+
+MODES = ("create", "append", "overwrite")
+_DATASET_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _tmp_prefix(store: Path) -> str:
+    """Temp names beside a store: '.NAME.tmp-<pid>...' (a staged store's own temps share its prefix)."""
+    return f".{store.name.lstrip('.')}.tmp-"
+
+
+def _clean_stale(parent: Path, prefix: str) -> None:
+    """Remove `prefix<pid>...` entries left by writers that died (their pid is gone)."""
+    if not parent.is_dir():
+        return
+    for p in parent.iterdir():
+        if not p.name.startswith(prefix):
+            continue
+        m = re.match(r"(\d+)", p.name[len(prefix) :])
+        if m and (int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1)))):
+            continue  # ours, or a live writer's
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def check_block(matrix: sp.csr_matrix, value_kind: str, where: str, first_row: int = 0) -> None:
+    """Raise SclabelError naming the file and row on NaN/inf, negatives, or non-integer declared counts."""
+    data = matrix.data
+    if data.dtype.kind not in "biuf":
+        raise SclabelError(f"{where}: unsupported value dtype {data.dtype}")
+    bad = None
+    if data.dtype.kind == "f":
+        nonfinite = ~np.isfinite(data)
+        if nonfinite.any():
+            bad = ("NaN or infinite value", nonfinite)
+    if bad is None and data.dtype.kind != "u":
+        neg = data < 0
+        if neg.any():
+            bad = ("negative value", neg)
+    if bad is None and value_kind == "counts" and data.dtype.kind == "f":
+        frac = data != np.round(data)
+        if frac.any():
+            bad = ("non-integer value declared as counts (use --value-kind lognorm)", frac)
+    if bad is not None:
+        what, mask = bad
+        k = int(np.argmax(mask))
+        row = int(np.searchsorted(matrix.indptr, k, side="right")) - 1
+        raise SclabelError(f"{where}: row {first_row + row}: {what} ({data[k]!r})")
+
+
+def _compressor(kind: str) -> Any:
+    from zarr.codecs import BloscCodec
+
+    # Bitshuffle suits small sorted integers (gene indices, counts); byte shuffle suits float32.
+    return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle" if kind == "f" else "bitshuffle")
+
+
+def write_part(
+    part_dir: Path,
+    matrix: sp.csr_matrix,
+    obs_codes: Mapping[str, np.ndarray],
+    value_kind: str,
+    num_genes: int,
+    mean_nnz: float,
+    dataset: str,
+) -> tuple[str, str]:
+    """Write one shard group (indptr, indices, data, obs codes); returns (indices dtype, data dtype)."""
+    import zarr
+
+    nnz = int(matrix.nnz)
+    idx_dt = fmt.indices_dtype(num_genes)
+    max_value = float(matrix.data.max()) if nnz else 0.0
+    val_dt = fmt.data_dtype(value_kind, max_value)
+    chunk = fmt.chunk_elements(mean_nnz)
+    shard = min(fmt.shard_elements(mean_nnz), max(chunk, -(-nnz // chunk) * chunk))
+    group = zarr.open_group(
+        str(part_dir),
+        mode="w",
+        attributes={"num_rows": matrix.shape[0], "nnz": nnz, "value_kind": value_kind, "dataset": dataset},
+    )
+    indptr = matrix.indptr.astype(np.uint64)
+    group.create_array(fmt.INDPTR, shape=indptr.shape, chunks=indptr.shape, dtype=np.uint64)[:] = indptr
+    for name, values, dt in ((fmt.INDICES, matrix.indices, idx_dt), (fmt.DATA, matrix.data, val_dt)):
+        arr = group.create_array(
+            name,
+            shape=(nnz,),
+            chunks=(chunk,),
+            shards=(shard,),
+            dtype=dt,
+            compressors=_compressor(dt.kind),
+            fill_value=0,
+        )
+        if nnz:
+            arr[:] = values.astype(dt, copy=False)
+    for col, codes in obs_codes.items():
+        n = max(len(codes), 1)
+        group.create_array(f"{fmt.OBS_GROUP}/{col}", shape=codes.shape, chunks=(n,), dtype=np.int32)[:] = (
+            codes
+        )
+    return idx_dt.name, val_dt.name
+
+
+class StoreWriter:
+    """Write one dataset into a store: write_block(csr in vocab space, obs) ..., then close() -> StoreIndex."""
+
+    def __init__(
+        self,
+        store: str | Path,
+        vocab: GeneVocab,
+        dataset: str,
+        *,
+        value_kind: str,
+        obs_columns: Sequence[str] = (),
+        rows_per_shard: int | None = None,
+        mean_nnz_hint: float | None = None,
+        mode: str = "create",
+        source: str = "",
+        match_report: dict | None = None,
+    ):
+        if mode not in MODES:
+            raise SclabelError(f"store mode {mode!r}: choose from {MODES}")
+        if value_kind not in fmt.VALUE_KINDS:
+            raise SclabelError(f"value_kind {value_kind!r}: choose from {fmt.VALUE_KINDS}")
+        if not _DATASET_NAME.match(dataset):
+            raise SclabelError(f"dataset name {dataset!r}: use letters, digits, '_', '.', '-'")
+        self.store = Path(store)
+        self.vocab = vocab
+        self.dataset = dataset
+        self.value_kind = value_kind
+        self.obs_columns = list(obs_columns)
+        self.rows_per_shard = rows_per_shard
+        self.mean_nnz = mean_nnz_hint
+        self.mode = mode
+        self.source = source
+        self.match_report = match_report
+        self.num_rows = 0
+        self.nnz = 0
+        self._pending: list[tuple[sp.csr_matrix, dict[str, np.ndarray]]] = []
+        self._pending_rows = 0
+        self._shards: list[fmt.ShardEntry] = []
+        self._closed = False
+        self._stage_root = self._prepare()
+
+    # -- setup ------------------------------------------------------------------------------------------
+
+    def _prepare(self) -> Path:
+        """Pick the temp root we write under and load the existing index in append mode."""
+        parent = self.store.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        _clean_stale(parent, _tmp_prefix(self.store))
+        if self.mode == "append":
+            self.index = fmt.read_index(self.store)
+            if self.index.vocab_hash != self.vocab.hash:
+                raise SclabelError(
+                    f"{self.store}: store vocabulary hash {self.index.vocab_hash[:12]} differs from this "
+                    f"vocabulary {self.vocab.hash[:12]}; ingest with --vocab {self.store / fmt.VOCAB_FILE}"
+                )
+            if any(d.name == self.dataset for d in self.index.datasets):
+                raise SclabelError(
+                    f"{self.store}: dataset {self.dataset!r} already in the store; pick another --dataset-name"
+                )
+            shards = self.store / fmt.SHARDS_DIR
+            _clean_stale(shards, ".tmp-")
+            # A dataset dir that index.json does not list was left by an append killed before its commit.
+            shutil.rmtree(shards / self.dataset, ignore_errors=True)
+            self._final_root = self.store
+            root = shards / f".tmp-{os.getpid()}-{self.dataset}"
+            root.mkdir(parents=True)
+            return root
+        if self.mode == "create" and self.store.exists():
+            raise SclabelError(f"{self.store}: already exists; use --append to add a dataset or --overwrite")
+        self.index = fmt.StoreIndex(vocab_hash=self.vocab.hash, num_genes=len(self.vocab))
+        self._final_root = parent / f"{_tmp_prefix(self.store)}{os.getpid()}"
+        shutil.rmtree(self._final_root, ignore_errors=True)
+        (self._final_root / fmt.SHARDS_DIR).mkdir(parents=True)
+        self.vocab.to_json(self._final_root / fmt.VOCAB_FILE)
+        root = self._final_root / fmt.SHARDS_DIR / f".tmp-{os.getpid()}-{self.dataset}"
+        root.mkdir()
+        return root
+
+    # -- writing ----------------------------------------------------------------------------------------
+
+    def _codes(self, obs: Mapping[str, Any] | None, n: int) -> dict[str, np.ndarray]:
+        out = {}
+        for col in self.obs_columns:
+            if obs is None or col not in obs:
+                raise SclabelError(f"{self.source or self.dataset}: obs column {col!r} missing in block")
+            values = np.asarray(obs[col], dtype=object)
+            if len(values) != n:
+                raise SclabelError(f"obs column {col!r}: {len(values)} values for {n} rows")
+            cats = self.index.obs_columns.setdefault(col, [])
+            lookup = {c: i for i, c in enumerate(cats)}
+            codes = np.empty(n, dtype=np.int32)
+            for i, v in enumerate(values):
+                if v is None or (isinstance(v, float) and np.isnan(v)):
+                    codes[i] = fmt.MISSING_CODE
+                    continue
+                key = str(v)
+                if key not in lookup:
+                    lookup[key] = len(cats)
+                    cats.append(key)
+                codes[i] = lookup[key]
+            out[col] = codes
+        return out
+
+    def write_block(self, matrix: Any, obs: Mapping[str, Any] | None = None) -> None:
+        """Append rows (CSR with num_genes columns, vocabulary space) and their obs values."""
+        matrix = sp.csr_matrix(matrix)
+        if matrix.shape[1] != len(self.vocab):
+            raise SclabelError(
+                f"block has {matrix.shape[1]} columns; the vocabulary has {len(self.vocab)} (remap first)"
+            )
+        if matrix.shape[0] == 0:
+            return
+        if not matrix.has_canonical_format:
+            matrix = matrix.copy()
+            matrix.sum_duplicates()
+        check_block(matrix, self.value_kind, self.source or self.dataset, self.num_rows + self._pending_rows)
+        # Narrow the buffered values now (float64 -> 4 bytes): the pending part is the writer's whole memory.
+        if self.value_kind == "lognorm":
+            matrix.data = matrix.data.astype(np.float32, copy=False)
+        elif matrix.nnz and matrix.data.max() <= np.iinfo(np.uint32).max:
+            matrix.data = matrix.data.astype(np.uint32, copy=False)
+        matrix.indices = matrix.indices.astype(np.int32, copy=False)
+        if self.mean_nnz is None:
+            self.mean_nnz = matrix.nnz / matrix.shape[0]
+        if self.rows_per_shard is None:
+            self.rows_per_shard = fmt.rows_per_part(self.mean_nnz)
+        self._pending.append((matrix, self._codes(obs, matrix.shape[0])))
+        self._pending_rows += matrix.shape[0]
+        while self._pending_rows >= self.rows_per_shard:
+            self._flush(self.rows_per_shard)
+
+    def _flush(self, num_rows: int) -> None:
+        """Write the first num_rows pending rows as one part; keep the rest pending."""
+        if len(self._pending) == 1:
+            mat = self._pending[0][0]
+        else:
+            mat = sp.vstack([m for m, _ in self._pending], format="csr")
+        codes = {c: np.concatenate([o[c] for _, o in self._pending]) for c in self.obs_columns}
+        self._pending = []
+        head = mat if num_rows == mat.shape[0] else mat[:num_rows]
+        part_rel = f"{fmt.SHARDS_DIR}/{self.dataset}/{fmt.part_name(len(self._shards))}"
+        part_dir = self._stage_root / fmt.part_name(len(self._shards))
+        idx_dt, val_dt = write_part(
+            part_dir,
+            head,
+            {c: v[:num_rows] for c, v in codes.items()},
+            self.value_kind,
+            len(self.vocab),
+            self.mean_nnz or 1.0,
+            self.dataset,
+        )
+        self._shards.append(
+            fmt.ShardEntry(
+                path=part_rel,
+                dataset=self.dataset,
+                num_rows=num_rows,
+                nnz=int(head.nnz),
+                row_offset=self.index.num_rows + self.num_rows,
+                value_kind=self.value_kind,
+                indices_dtype=idx_dt,
+                data_dtype=val_dt,
+                sha256=fmt.shard_checksum(part_dir),
+            )
+        )
+        self.num_rows += num_rows
+        self.nnz += int(head.nnz)
+        rest = self._pending_rows - num_rows
+        self._pending = [(mat[num_rows:], {c: v[num_rows:] for c, v in codes.items()})] if rest else []
+        self._pending_rows = rest
+
+    # -- commit / abort -----------------------------------------------------------------------------------
+
+    def close(self) -> fmt.StoreIndex:
+        """Flush, move shards into place, write the report, then replace index.json last; returns the index."""
+        if self._closed:
+            return self.index
+        if self._pending_rows:
+            self._flush(self._pending_rows)
+        root = self._final_root
+        os.replace(self._stage_root, root / fmt.SHARDS_DIR / self.dataset)
+        report_rel = f"{fmt.REPORTS_DIR}/{self.dataset}.json"
+        (root / fmt.REPORTS_DIR).mkdir(exist_ok=True)
+        fmt.write_json_atomic(root / report_rel, self.match_report or {})
+        self.index.datasets.append(
+            fmt.DatasetEntry(self.dataset, self.source, self.value_kind, self.num_rows, self.nnz, report_rel)
+        )
+        self.index.shards.extend(self._shards)
+        self.index.num_rows += self.num_rows
+        self.index.nnz += self.nnz
+        fmt.write_index(root, self.index)
+        if self.mode != "append":
+            _swap_into_place(root, self.store)
+        self._closed = True
+        return self.index
+
+    def abort(self) -> None:
+        """Drop everything this writer wrote; an existing store is left untouched."""
+        self._closed = True
+        shutil.rmtree(self._stage_root, ignore_errors=True)
+        if self.mode != "append":
+            shutil.rmtree(self._final_root, ignore_errors=True)
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _swap_into_place(staged: Path, store: Path) -> None:
+    """Rename a finished staged store onto `store`, moving an old one aside first (overwrite)."""
+    old = store.parent / f"{_tmp_prefix(store)}{os.getpid()}-old"
+    if store.exists():
+        os.replace(store, old)
+    os.replace(staged, store)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged_store(store: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """A temp path to build a whole new store in (several datasets), renamed onto `store` on success only."""
+    store = Path(store)
+    if store.exists() and not overwrite:
+        raise SclabelError(f"{store}: already exists; use --append to add a dataset or --overwrite")
+    store.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(store.parent, _tmp_prefix(store))
+    staged = store.parent / f"{_tmp_prefix(store)}{os.getpid()}-staged"
+    shutil.rmtree(staged, ignore_errors=True)
+    try:
+        yield staged
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    _swap_into_place(staged, store)
