@@ -41,6 +41,7 @@ class DataConfig:
     read_threads: int = doc(2, "background reader threads")
     read_ahead: int = doc(4, "blocks read ahead per thread (bounds memory)")
     drop_last: bool = doc(True, "drop the ragged last batch so every rank gets equal batches")
+    vocab: str = doc("", "vocab.json of the run ('' = the first Zarr store's); needed when all stores are SOMA")
 
 
 @dataclass
@@ -57,6 +58,7 @@ class TokenizeConfig:
     )
     eval_gene_selection: str = doc("top", "gene selection at evaluation / inference (deterministic)")
     mask_ratio: float = doc(0.15, "fraction of a cell's real tokens whose value is masked for MLM")
+    pad_to_max_len: bool = doc(False, "pad every batch to max_len (static shapes) instead of its longest cell")
 
 
 @dataclass
@@ -88,6 +90,8 @@ class TrainConfig:
     zero_stage: int = doc(2, "DeepSpeed ZeRO stage: 0, 1, 2 or 3")
     val_every: int = doc(0, "validation loss every N steps (0 = off)")
     val_batches: int = doc(4, "batches per validation")
+    deepspeed: str = doc("", "optional DeepSpeed JSON preset merged under the generated config (configs/deepspeed/)")
+    init_from: str = doc("", "export bundle whose weights start a new run (ignored when resuming a checkpoint)")
 
 
 @dataclass
@@ -212,3 +216,65 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
             raise SclabelError(f"{path}: invalid YAML: {exc}") from None
     raw = apply_overrides(raw, overrides or [])
     return from_dict(cls, raw, where=str(path) if path else "config")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fine-tuning, prediction and evaluation (sclabel finetune / predict / evaluate)
+
+
+@dataclass
+class FinetuneDataConfig:
+    """The labelled .h5ad: which matrix, how cells are split, how well genes must match the model."""
+
+    layer: str = doc("", "layer to read instead of X ('' = X)")
+    test_fraction: float = doc(0.3, "fraction of labelled cells held out for the test (stratified, seeded)")
+    val_fraction: float = doc(0.15, "fraction of the remaining cells for validation (early stopping)")
+    min_cells_per_class: int = doc(2, "classes with fewer labelled cells are left out and reported")
+    min_matched_genes: int = doc(100, "refuse data with fewer genes found in the model vocabulary")
+    min_matched_fraction: float = doc(0.5, "refuse data whose matched genes carry less of the expression")
+
+
+@dataclass
+class UpsampleConfig:
+    """Random up-sampling of rare classes in the training split only."""
+
+    enabled: bool = doc(True, "repeat cells of rare classes (drawn with replacement) in the training split")
+    target: str = doc("max", "cells per class to reach: 'max' (largest class) or a number")
+    cap: int = doc(1000, "upper bound on the per-class target (0 = none)")
+
+
+@dataclass
+class FinetuneTrainConfig:
+    """The fine-tuning loop."""
+
+    seed: int = doc(0, "seed for the split, up-sampling, head init, data order and gene selection")
+    train_mode: str = doc("full", "'full', 'frozen' (head only) or 'top:N' (top N encoder blocks + head)")
+    epochs: int = doc(30, "maximum passes over the (up-sampled) training split")
+    max_steps_per_epoch: int = doc(0, "cap optimizer steps per epoch (0 = the whole split)")
+    batch_size: int = doc(32, "cells per micro-batch per process")
+    lr: float = doc(1e-3, "peak learning rate of the encoder")
+    head_lr: float = doc(1e-3, "peak learning rate of the classification head")
+    weight_decay: float = doc(0.01, "AdamW weight decay")
+    warmup_fraction: float = doc(0.05, "linear warmup as a fraction of all steps, then cosine decay")
+    grad_clip: float = doc(1.0, "gradient norm clip (0 = off)")
+    label_smoothing: float = doc(0.0, "label smoothing of the cross-entropy")
+    patience: int = doc(6, "stop after this many epochs without a better validation macro-F1")
+    eval_batch_size: int = doc(64, "cells per batch for validation, test and prediction")
+
+
+@dataclass
+class FinetuneLogConfig:
+    """What the run writes beside the fine-tuned bundle."""
+
+    tensorboard: bool = doc(True, "write TensorBoard curves to RUN_DIR/tensorboard")
+    plots: bool = doc(True, "write the confusion-matrix PNG and per-class F1 bar chart")
+
+
+@dataclass
+class FinetuneConfig:
+    """The root of a fine-tuning run (also used by evaluate)."""
+
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    upsample: UpsampleConfig = field(default_factory=UpsampleConfig)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    log: FinetuneLogConfig = field(default_factory=FinetuneLogConfig)

@@ -1,0 +1,61 @@
+"""The DeepSpeed config as a pure function of the run config: no file, environment or device look-ups inside."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+from sclabel_dist.errors import SclabelError
+
+
+def build_deepspeed_config(
+    train_cfg: Any,
+    micro_batch_size: int,
+    world_size: int,
+    device_type: str = "cpu",
+    preset: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """DeepSpeed JSON config for one run; values from `train_cfg` win over the optional `preset` (a ZeRO preset file).
+
+    The optimizer and scheduler are created by engine.py (torch AdamW + our warmup-cosine), so none appear here.
+    """
+    if train_cfg.zero_stage not in (0, 1, 2, 3):
+        raise SclabelError(f"train.zero_stage must be 0, 1, 2 or 3, got {train_cfg.zero_stage}")
+    if train_cfg.precision not in ("fp32", "bf16"):
+        raise SclabelError(f"train.precision must be 'fp32' or 'bf16', got {train_cfg.precision!r}")
+    if train_cfg.grad_accum < 1 or micro_batch_size < 1 or world_size < 1:
+        raise SclabelError("train.grad_accum, data.batch_size and the world size must be >= 1")
+    cfg = copy.deepcopy(preset or {})
+    for key in ("optimizer", "scheduler", "fp16"):
+        cfg.pop(key, None)  # ours are built in code; fp16 is not supported (bf16 is)
+    zero = dict(cfg.get("zero_optimization") or {})
+    zero["stage"] = train_cfg.zero_stage
+    cfg.update(
+        {
+            "train_micro_batch_size_per_gpu": micro_batch_size,
+            "gradient_accumulation_steps": train_cfg.grad_accum,
+            "train_batch_size": micro_batch_size * train_cfg.grad_accum * world_size,
+            "gradient_clipping": float(train_cfg.grad_clip),
+            "zero_optimization": zero,
+            "bf16": {"enabled": train_cfg.precision == "bf16"},
+            "zero_allow_untested_optimizer": True,
+            # our metrics logger prints; DeepSpeed's own per-step prints would only add noise
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+    )
+    if device_type == "cpu":
+        # offloading to CPU is meaningless when the "device" already is the CPU
+        cfg["zero_optimization"].pop("offload_optimizer", None)
+        cfg["zero_optimization"].pop("offload_param", None)
+    return cfg
+
+
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier at optimizer step `step` (0-based): linear warmup to 1, then cosine down to min_lr_ratio."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))

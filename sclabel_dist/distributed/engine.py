@@ -1,0 +1,87 @@
+"""The DeepSpeed engine: the only training module that imports deepspeed (init, engine, checkpoints, consolidation)."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sclabel_dist.distributed.ds_config import warmup_cosine
+from sclabel_dist.distributed.env import DistEnv, init_process_group
+
+
+def init_distributed(device: str, env: DistEnv) -> None:
+    """Create the process group (see env.init_process_group for why we do it ourselves), then let DeepSpeed
+    adopt it: deepspeed.init_distributed reuses an initialised torch.distributed."""
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    init_process_group(device.split(":")[0], env)
+    deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl", verbose=False)
+
+
+def build_optimizer(model: torch.nn.Module, train_cfg: Any, device: str) -> torch.optim.Optimizer:
+    """torch AdamW; matrices decay, biases / norms / vectors do not (nanoGPT's split)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": train_cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    # fused kernels exist on CUDA only; foreach is the fast path on CPU
+    fused = {"fused": True} if device.startswith("cuda") else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=(0.9, 0.95), eps=1e-8, **fused)
+
+
+def build_engine(model: torch.nn.Module, train_cfg: Any, ds_config: dict[str, Any], device: str):
+    """Wrap `model` in a DeepSpeed engine with AdamW and a warmup-cosine LambdaLR stepped once per optimizer step."""
+    import deepspeed
+
+    optimizer = build_optimizer(model, train_cfg, device)
+    schedule = partial(
+        warmup_cosine,
+        warmup_steps=train_cfg.warmup_steps,
+        max_steps=train_cfg.max_steps,
+        min_lr_ratio=train_cfg.min_lr_ratio,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine
+
+
+def save_checkpoint(engine, root: str | Path, tag: str, client_state: dict[str, Any]) -> None:
+    """DeepSpeed shards for `tag` under `root`; all ranks must call. Our own `latest` is written by checkpoint.py."""
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+
+
+def load_checkpoint(engine, root: str | Path, tag: str) -> dict[str, Any]:
+    """Restore model, optimizer and scheduler of `tag`; returns the client state saved with it."""
+    path, client_state = engine.load_checkpoint(
+        str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if path is None:
+        raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {root}")
+    return client_state or {}
+
+
+def consolidate_checkpoint(root: str | Path, tag: str) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict from a ZeRO 0-3 checkpoint, using DeepSpeed's own zero_to_fp32 for 2 and 3."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpt = Path(root) / tag
+    if _zero_stage(ckpt) > 0:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    else:  # ZeRO 0: full weights sit in the model-states file
+        blob = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+        state = blob["module"]
+    return {k: v.detach().float().contiguous().clone() for k, v in state.items()}
+
+
+def _zero_stage(ckpt: Path) -> int:
+    files = sorted(ckpt.glob("*model_states.pt"))
+    blob = torch.load(files[0], map_location="cpu", weights_only=True)
+    return int((blob.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))

@@ -1,0 +1,163 @@
+"""ScLabelNet: gene + value embeddings, pre-LN transformer encoder (SDPA), CLS cell embedding, MLM and class heads."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from sclabel_dist.model.args import ModelArgs
+
+
+class ModelOutput(NamedTuple):
+    """cell_embedding [B, D] (final-norm CLS output); mlm [B, L, num_bins] logits (binned) or [B, L] values
+    (continuous); logits [B, num_classes] with a classification head, else None; hidden [B, L, D] token states.
+
+    A NamedTuple rather than a dataclass so that DeepSpeed ZeRO-3 can find the tensors in it for its hooks.
+    """
+
+    cell_embedding: torch.Tensor
+    mlm: torch.Tensor
+    logits: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.heads, self.dropout = args.heads, args.dropout
+        self.qkv = nn.Linear(args.dim, 3 * args.dim)
+        self.proj = nn.Linear(args.dim, args.dim)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        # key_mask [B, 1, 1, L], True = attend: padded keys get no weight, so a cell's output never depends on
+        # how much padding its batch needed. Padded queries still see CLS, so no row is all -inf (no NaN).
+        drop = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=drop)
+        return self.proj(y.transpose(1, 2).reshape(b, n, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(args.dim, args.mlp_dim)
+        self.fc2 = nn.Linear(args.mlp_dim, args.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm encoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(args.dim)
+        self.attn = Attention(args)
+        self.norm2 = nn.LayerNorm(args.dim)
+        self.mlp = MLP(args)
+        self.drop = nn.Dropout(args.dropout)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), key_mask))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class ScLabelNet(nn.Module):
+    """The ScLabel-Net encoder; weight names are plain module paths (no DeepSpeed / DDP prefixes)."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        d = args.dim
+        self.gene_embed = nn.Embedding(args.vocab_size, d)
+        if args.value_encoding == "binned":
+            # id 0 = pad / CLS / masked input, 1..num_bins = expression bins
+            self.value_embed: nn.Module = nn.Embedding(args.num_bins + 1, d)
+        else:
+            self.value_embed = nn.Sequential(nn.Linear(1, d), nn.GELU(), nn.Linear(d, d))
+        # learned "value unknown" vector used in place of the value embedding where the MLM masked it
+        self.mask_embed = nn.Parameter(torch.zeros(d))
+        self.blocks = nn.ModuleList(Block(args) for _ in range(args.depth))
+        self.norm = nn.LayerNorm(d)
+        out_dim = args.num_bins if args.value_encoding == "binned" else 1
+        self.mlm_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d), nn.Linear(d, out_dim))
+        self.cls_head = nn.Linear(d, args.num_classes) if args.num_classes else None
+        self.apply(_init_weights)
+        nn.init.normal_(self.mask_embed, std=0.02)
+        # scale residual projections by depth (GPT-2) so deep stacks start near identity
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.fc2.weight")):
+                nn.init.normal_(p, std=0.02 / (2 * args.depth) ** 0.5)
+
+    def embed(
+        self, gene_ids: torch.Tensor, values: torch.Tensor, masked: torch.Tensor | None
+    ) -> torch.Tensor:
+        x = self.gene_embed(gene_ids)
+        if self.args.value_encoding == "binned":
+            v = self.value_embed(values.long())
+        else:
+            v = self.value_embed(values.to(x.dtype).unsqueeze(-1))
+        if masked is not None:
+            v = torch.where(masked.unsqueeze(-1), self.mask_embed.to(v.dtype), v)
+        return x + v
+
+    def forward(
+        self,
+        gene_ids: torch.Tensor,
+        values: torch.Tensor,
+        attention_mask: torch.Tensor,
+        masked: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """gene_ids / values / attention_mask / masked as in CellBatch ([B, L]); masked=None at inference."""
+        x = self.embed(gene_ids, values, masked)
+        key_mask = attention_mask[:, None, None, :].bool()
+        for block in self.blocks:
+            if self.args.activation_checkpointing and self.training:
+                x = checkpoint(block, x, key_mask, use_reentrant=False)
+            else:
+                x = block(x, key_mask)
+        x = self.norm(x)
+        mlm = self.mlm_head(x)
+        if self.args.value_encoding == "continuous":
+            mlm = mlm.squeeze(-1)
+        cell = x[:, 0]
+        logits = self.cls_head(cell) if self.cls_head is not None else None
+        return ModelOutput(cell_embedding=cell, mlm=mlm, logits=logits, hidden=x)
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):
+        nn.init.normal_(m.weight, std=0.02)
+
+
+def mlm_loss(output: ModelOutput, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, masked-value accuracy) over the masked positions of `batch` (a CellBatch).
+
+    Binned: cross-entropy over bins 1..num_bins, accuracy = exact bin. Continuous: MSE, accuracy = fraction of
+    predictions within 0.5 of the true log-value. A batch with no masked token gives a zero loss that still
+    touches every MLM parameter, so all ranks run the same backward (no collective mismatch).
+    """
+    sel = batch.masked
+    pred = output.mlm[sel]
+    target = batch.targets[sel]
+    if pred.numel() == 0:
+        zero = output.mlm.sum() * 0.0
+        return zero, zero.detach()
+    if pred.dim() == 2:  # binned logits [N, num_bins]; targets are bin ids 1..num_bins
+        tgt = target.long() - 1
+        loss = F.cross_entropy(pred.float(), tgt)
+        acc = (pred.argmax(-1) == tgt).float().mean()
+    else:
+        err = pred.float() - target.float()
+        loss = (err**2).mean()
+        acc = (err.abs() < 0.5).float().mean()
+    return loss, acc.detach()

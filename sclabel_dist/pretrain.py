@@ -1,0 +1,229 @@
+"""Masked-expression pretraining: `torchrun --nproc_per_node=N -m sclabel_dist.pretrain --config X.yaml [--a.b=v]`.
+
+Reads top to bottom: config -> processes -> data -> model and engine -> resume -> loop (step, log, validate,
+checkpoint) -> final checkpoint. Every rank runs the same code; only rank 0 writes logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from sclabel_dist.bundle import load_bundle
+from sclabel_dist.checkpoint import find_resume, load_checkpoint, save_checkpoint
+from sclabel_dist.config import PretrainConfig, load_config, to_dict
+from sclabel_dist.distributed.ds_config import build_deepspeed_config
+from sclabel_dist.distributed.env import prepare_process, read_dist_env
+from sclabel_dist.errors import SclabelError
+from sclabel_dist.metrics import MetricsLogger, StepTimer, peak_flops, peak_memory_gb
+from sclabel_dist.model.args import build_model_args, count_params, flops_per_token
+from sclabel_dist.model.net import ScLabelNet, mlm_loss
+
+
+def main(argv: list[str] | None = None) -> int:
+    # -- config ---------------------------------------------------------------------------------------------
+    parser = argparse.ArgumentParser(prog="sclabel_dist.pretrain", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML run config (configs/pretrain/*.yaml)")
+    args, rest = parser.parse_known_args(argv)
+    cfg = load_config(PretrainConfig, args.config, normalise_overrides(rest))
+    tc = cfg.train
+
+    # -- processes: DS_ACCELERATOR=cpu + gloo without a GPU; deepspeed is imported only after that -----------
+    env = read_dist_env()
+    device = prepare_process(env)
+    from sclabel_dist.data.dataset import build_dataset
+    from sclabel_dist.distributed import engine as ds
+
+    ds.init_distributed(device, env)
+    torch.manual_seed(tc.seed)  # identical initial weights on every rank
+
+    # -- data -------------------------------------------------------------------------------------------------
+    # Validation measures the training objective on held-out cells, so it selects genes as training does
+    # (the 'top' eval selection is for inference and would score a different task).
+    val_tokenize = dataclasses.replace(cfg.tokenize, eval_gene_selection=cfg.tokenize.train_gene_selection)
+
+    def dataset(split: str):
+        tok = cfg.tokenize if split == "train" else val_tokenize
+        return build_dataset(
+            cfg.data, tok, rank=env.rank, world_size=env.world_size, seed=tc.seed, split=split
+        )
+
+    train_data = dataset("train")
+    vocab = train_data.vocab
+
+    # -- model and engine -------------------------------------------------------------------------------------
+    model_args = build_model_args(cfg.model, cfg.tokenize, vocab_size=len(vocab) + 2)
+    model = ScLabelNet(model_args)
+    if tc.init_from:  # continue pretraining from an exported bundle (e.g. on more data or more ranks)
+        model.load_state_dict(load_bundle(tc.init_from).state_dict)
+    preset = json.loads(Path(tc.deepspeed).read_text()) if tc.deepspeed else None
+    ds_config = build_deepspeed_config(tc, cfg.data.batch_size, env.world_size, device.split(":")[0], preset)
+    engine = ds.build_engine(model, tc, ds_config, device)
+
+    # -- resume: model, optimizer, scheduler, RNG and the loader's position in its epoch -----------------------
+    step = 0
+    resume_from = find_resume(cfg.checkpoint.dir, cfg.checkpoint.resume)
+    if resume_from is not None:
+        state = load_checkpoint(engine, resume_from, env.rank)
+        if state["vocab_hash"] != vocab.hash:
+            raise SclabelError(f"{resume_from}: checkpoint vocabulary differs from the data's vocabulary")
+        train_data.load_state_dict(state["loader"])
+        step = state["step"]
+
+    # -- logging ----------------------------------------------------------------------------------------------
+    logger = MetricsLogger(cfg.log.dir, env.is_main, tc.max_steps, step, cfg.log)
+    flops = flops_per_token(model_args, seq_len=cfg.tokenize.max_len)
+    peak = peak_flops(device)
+    if env.is_main:
+        where = f"resumed from {resume_from}" if resume_from else "from scratch"
+        print(
+            f"pretrain: {count_params(model_args) / 1e6:.2f}M params ({model_args.dim}x{model_args.depth}), "
+            f"{len(vocab)} genes, world {env.world_size}, ZeRO {tc.zero_stage}, {tc.precision}, {device}, "
+            f"{where} at step {step}",
+            flush=True,
+        )
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+    batches = iter(train_data)
+    timer = StepTimer()
+    last: dict[str, float] = {}
+    engine.train()
+    while step < tc.max_steps:
+        loss_sum = torch.zeros(2, device=device)  # stays on the device: no GPU sync until a log step
+        for _ in range(tc.grad_accum):  # DeepSpeed steps the optimizer only on the accumulation boundary
+            t0 = time.perf_counter()
+            host_batch = next(batches)
+            timer.data_wait += time.perf_counter() - t0
+            timer.cells += host_batch.num_cells
+            timer.tokens += host_batch.num_tokens  # counted on the host for the same reason
+            batch = host_batch.to(device, non_blocking=True)
+            out = engine(batch.gene_ids, batch.values, batch.attention_mask, batch.masked)
+            loss, acc = mlm_loss(out, batch)
+            engine.backward(loss)
+            engine.step()
+            loss_sum += torch.stack([loss.detach().float(), acc.float()])
+        step += 1
+        timer.steps += 1
+        inject_test_fault(step, env)
+
+        if step % cfg.log.every == 0 or step == tc.max_steps:
+            loss_v, acc_v = mean_over_ranks(loss_sum / tc.grad_accum).tolist()
+            grad_norm = engine.get_global_grad_norm()
+            last = {"loss": loss_v, "mlm_acc": acc_v}
+            metrics = {
+                **last,
+                "lr": float(engine.get_lr()[0]),
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                **timer.rates(env.world_size, flops, peak),
+                "peak_mem_gb": peak_memory_gb(device),
+                "loader": train_data.state_dict(),  # consumed-sample accounting, checked by the fault test
+            }
+            logger.log(step, metrics)
+            timer.reset()
+        logger.advance(step)
+
+        if tc.val_every and step % tc.val_every == 0:
+            val = validate(engine, dataset("val"), tc.val_batches, device)
+            last.update({f"val_{k}": v for k, v in val.items()})
+            logger.log(step, val, prefix="val")
+
+        if step % cfg.checkpoint.every == 0 or step == tc.max_steps:
+            state = {
+                "step": step,
+                "loader": train_data.state_dict(),
+                "world_size": env.world_size,
+                "metrics": last,
+                "config": to_dict(cfg),
+                "model_args": model_args.to_dict(),
+                "vocab_hash": vocab.hash,
+            }
+            save_checkpoint(engine, cfg.checkpoint.dir, step, state, vocab, env.rank, cfg.checkpoint.keep)
+
+    # -- done -------------------------------------------------------------------------------------------------
+    train_data.close()
+    logger.close()
+    if env.is_main:
+        print(f"pretrain: finished at step {step}; checkpoints in {cfg.checkpoint.dir}", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def validate(engine, val_data, num_batches: int, device: str) -> dict[str, float]:
+    """Mean MLM loss and accuracy over the first `num_batches` held-out batches (same count on every rank)."""
+    engine.eval()
+    total, n = torch.zeros(2, device=device), 0
+    with torch.no_grad():
+        for i, batch in enumerate(val_data):
+            if i >= num_batches:
+                break
+            batch = batch.to(device)
+            loss, acc = mlm_loss(
+                engine(batch.gene_ids, batch.values, batch.attention_mask, batch.masked), batch
+            )
+            total += torch.stack([loss.float(), acc.float()])
+            n += 1
+    val_data.close()
+    engine.train()
+    loss, acc = mean_over_ranks(total / max(n, 1)).tolist()
+    return {"loss": loss, "mlm_acc": acc}
+
+
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Average a small tensor over ranks (each rank's loss is over its own batch); returned on the CPU."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values.cpu()
+
+
+def normalise_overrides(rest: list[str]) -> list[str]:
+    """Accept both `--section.key=value` and `--section.key value`."""
+    out, i = [], 0
+    while i < len(rest):
+        item = rest[i]
+        if (
+            item.startswith("--")
+            and "=" not in item
+            and i + 1 < len(rest)
+            and not rest[i + 1].startswith("--")
+        ):
+            out.append(f"{item}={rest[i + 1]}")
+            i += 2
+        else:
+            if not item.startswith("--"):
+                raise SclabelError(f"unexpected argument {item!r}; overrides look like --section.key=value")
+            out.append(item)
+            i += 1
+    return out
+
+
+def inject_test_fault(step: int, env) -> None:
+    """Tests only: SCLABEL_TEST_KILL_AT_STEP=k makes rank 1 SIGKILL itself after step k on the first attempt."""
+    kill_at = int(os.environ.get("SCLABEL_TEST_KILL_AT_STEP", "0"))
+    if kill_at and step == kill_at and env.rank == min(1, env.world_size - 1) and env.restart_count == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def cli() -> int:
+    """Entry point: a user error (config, data, checkpoint) becomes one line on stderr and exit code 2."""
+    import sys
+
+    try:
+        return main()
+    except SclabelError as exc:
+        print(f"sclabel_dist.pretrain: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

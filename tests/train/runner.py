@@ -1,0 +1,61 @@
+"""Test harness run under torchrun: `sclabel_dist.pretrain` plus test-only instrumentation, never used in production.
+
+SCLABEL_TEST_PROBE=PATH    after the final checkpoint, run the live engine on a fixed probe batch and write
+                           its outputs to PATH (safetensors) so the export test can compare a bundle with it
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def probe_batch(vocab_size: int, num_bins: int, continuous: bool = False):
+    """A fixed batch of 3 cells of different lengths (so padding is exercised)."""
+    import torch
+
+    g = torch.Generator().manual_seed(1234)
+    n = 24
+    ids = torch.randint(2, vocab_size, (3, n), generator=g)
+    vals = torch.randint(1, num_bins + 1, (3, n), generator=g)
+    vals = vals.float() if continuous else vals
+    am = torch.arange(n)[None] < torch.tensor([[n], [n // 2], [5]])
+    ids[:, 0], vals[:, 0] = 1, 0
+    return ids.masked_fill(~am, 0), vals.masked_fill(~am, 0), am
+
+
+def install_probe(path: str) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    import sclabel_dist.pretrain as pretrain
+
+    original = pretrain.save_checkpoint
+
+    def save_and_probe(engine, root, step, state, vocab, rank, keep):
+        out = original(engine, root, step, state, vocab, rank, keep)
+        if step == state["config"]["train"]["max_steps"]:
+            args = state["model_args"]
+            ids, vals, am = probe_batch(
+                args["vocab_size"], args["num_bins"], args["value_encoding"] == "continuous"
+            )
+            engine.eval()
+            with torch.no_grad():  # every rank runs it: under ZeRO-3 the forward gathers shards collectively
+                res = engine(ids, vals, am)
+            engine.train()
+            if rank == 0:
+                save_file(
+                    {"cell": res.cell_embedding.float().contiguous(), "mlm": res.mlm.float().contiguous()},
+                    path,
+                )
+        return out
+
+    pretrain.save_checkpoint = save_and_probe
+
+
+if __name__ == "__main__":
+    if os.environ.get("SCLABEL_TEST_PROBE"):
+        install_probe(os.environ["SCLABEL_TEST_PROBE"])
+    from sclabel_dist.pretrain import main
+
+    raise SystemExit(main(sys.argv[1:]))

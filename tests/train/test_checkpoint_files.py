@@ -1,0 +1,51 @@
+"""Checkpoint bookkeeping on disk: only complete checkpoints are resumed from; rotation; atomic `latest`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sclabel_dist.checkpoint import (
+    COMPLETE,
+    checkpoint_tag,
+    find_resume,
+    list_complete,
+    rotate,
+    write_text_atomic,
+)
+from sclabel_dist.errors import SclabelError
+
+
+def fake_ckpt(root: Path, step: int, complete: bool = True) -> Path:
+    path = root / checkpoint_tag(step)
+    path.mkdir(parents=True)
+    (path / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"x")
+    if complete:
+        (path / COMPLETE).write_text(f"{step}\n")
+    return path
+
+
+def test_half_written_checkpoint_is_never_picked(tmp_path):
+    assert find_resume(tmp_path / "none", "auto") is None
+    fake_ckpt(tmp_path, 10)
+    fake_ckpt(tmp_path, 20)
+    fake_ckpt(tmp_path, 30, complete=False)  # crashed mid-save
+    write_text_atomic(tmp_path / "latest", checkpoint_tag(30))  # even a stale pointer does not fool it
+    assert find_resume(tmp_path, "auto") == tmp_path / checkpoint_tag(20)
+    write_text_atomic(tmp_path / "latest", checkpoint_tag(10))
+    assert find_resume(tmp_path, "auto") == tmp_path / checkpoint_tag(10)  # `latest` wins when complete
+    assert find_resume(tmp_path, "never") is None
+    with pytest.raises(SclabelError, match="not a complete checkpoint"):
+        find_resume(tmp_path, str(tmp_path / checkpoint_tag(30)))
+
+
+def test_rotate_keeps_last_k_and_drops_stale_partials(tmp_path):
+    for step in (10, 20, 30, 40):
+        fake_ckpt(tmp_path, step)
+    fake_ckpt(tmp_path, 25, complete=False)
+    fake_ckpt(tmp_path, 50, complete=False)  # newer than the newest complete: may be in progress, kept
+    rotate(tmp_path, keep=2)
+    assert [p.name for p in list_complete(tmp_path)] == [checkpoint_tag(30), checkpoint_tag(40)]
+    assert not (tmp_path / checkpoint_tag(25)).exists() and (tmp_path / checkpoint_tag(50)).exists()
+    assert list(tmp_path.glob(".*tmp*")) == []
