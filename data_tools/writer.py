@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from data_tools.part_buffer import PartBuffer
 from sclabel_dist.data import format as fmt
 from sclabel_dist.errors import SclabelError
 from sclabel_dist.vocab import GeneVocab
@@ -89,7 +90,9 @@ def _compressor(kind: str) -> Any:
 
 def write_part(
     part_dir: Path,
-    matrix: sp.csr_matrix,
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
     obs_codes: Mapping[str, np.ndarray],
     value_kind: str,
     num_genes: int,
@@ -99,20 +102,20 @@ def write_part(
     """Write one shard group (indptr, indices, data, obs codes); returns (indices dtype, data dtype)."""
     import zarr
 
-    nnz = int(matrix.nnz)
+    num_rows, nnz = len(indptr) - 1, len(data)
     idx_dt = fmt.indices_dtype(num_genes)
-    max_value = float(matrix.data.max()) if nnz else 0.0
+    max_value = float(data.max()) if nnz else 0.0
     val_dt = fmt.data_dtype(value_kind, max_value)
     chunk = fmt.chunk_elements(mean_nnz)
     shard = min(fmt.shard_elements(mean_nnz), max(chunk, -(-nnz // chunk) * chunk))
     group = zarr.open_group(
         str(part_dir),
         mode="w",
-        attributes={"num_rows": matrix.shape[0], "nnz": nnz, "value_kind": value_kind, "dataset": dataset},
+        attributes={"num_rows": num_rows, "nnz": nnz, "value_kind": value_kind, "dataset": dataset},
     )
-    indptr = matrix.indptr.astype(np.uint64)
+    indptr = indptr.astype(np.uint64)
     group.create_array(fmt.INDPTR, shape=indptr.shape, chunks=indptr.shape, dtype=np.uint64)[:] = indptr
-    for name, values, dt in ((fmt.INDICES, matrix.indices, idx_dt), (fmt.DATA, matrix.data, val_dt)):
+    for name, values, dt in ((fmt.INDICES, indices, idx_dt), (fmt.DATA, data, val_dt)):
         arr = group.create_array(
             name,
             shape=(nnz,),
@@ -130,6 +133,28 @@ def write_part(
             codes
         )
     return idx_dt.name, val_dt.name
+
+
+def _encode_categories(values: np.ndarray, categories: list[str]) -> np.ndarray:
+    """int32 codes of `values` into `categories` (extended in first-seen order); missing values get -1.
+
+    Vectorised with pandas.factorize: only the few distinct values go through Python, not every cell.
+    """
+    import pandas as pd
+
+    series = pd.Series(values, dtype=object)
+    missing = series.isna().to_numpy()
+    local, uniques = pd.factorize(series.where(missing, series.astype(str)), use_na_sentinel=True)
+    if len(uniques) == 0:  # every value missing
+        return np.full(len(values), fmt.MISSING_CODE, dtype=np.int32)
+    lookup = {c: i for i, c in enumerate(categories)}
+    table = np.empty(len(uniques), dtype=np.int32)
+    for k, key in enumerate(uniques):
+        if key not in lookup:
+            lookup[key] = len(categories)
+            categories.append(key)
+        table[k] = lookup[key]
+    return np.where(local >= 0, table[np.maximum(local, 0)], fmt.MISSING_CODE).astype(np.int32)
 
 
 class StoreWriter:
@@ -167,8 +192,7 @@ class StoreWriter:
         self.match_report = match_report
         self.num_rows = 0
         self.nnz = 0
-        self._pending: list[tuple[sp.csr_matrix, dict[str, np.ndarray]]] = []
-        self._pending_rows = 0
+        self._part: PartBuffer | None = None  # allocated at the first block, once its dtype is known
         self._shards: list[fmt.ShardEntry] = []
         self._closed = False
         self._stage_root = self._prepare()
@@ -221,18 +245,7 @@ class StoreWriter:
             if len(values) != n:
                 raise SclabelError(f"obs column {col!r}: {len(values)} values for {n} rows")
             cats = self.index.obs_columns.setdefault(col, [])
-            lookup = {c: i for i, c in enumerate(cats)}
-            codes = np.empty(n, dtype=np.int32)
-            for i, v in enumerate(values):
-                if v is None or (isinstance(v, float) and np.isnan(v)):
-                    codes[i] = fmt.MISSING_CODE
-                    continue
-                key = str(v)
-                if key not in lookup:
-                    lookup[key] = len(cats)
-                    cats.append(key)
-                codes[i] = lookup[key]
-            out[col] = codes
+            out[col] = _encode_categories(values, cats)
         return out
 
     def write_block(self, matrix: Any, obs: Mapping[str, Any] | None = None) -> None:
@@ -247,37 +260,50 @@ class StoreWriter:
         if not matrix.has_canonical_format:
             matrix = matrix.copy()
             matrix.sum_duplicates()
-        check_block(matrix, self.value_kind, self.source or self.dataset, self.num_rows + self._pending_rows)
+        pending = self._part.num_rows if self._part is not None else 0
+        check_block(matrix, self.value_kind, self.source or self.dataset, self.num_rows + pending)
         # Narrow the buffered values now (float64 -> 4 bytes): the pending part is the writer's whole memory.
         if self.value_kind == "lognorm":
             matrix.data = matrix.data.astype(np.float32, copy=False)
-        elif matrix.nnz and matrix.data.max() <= np.iinfo(np.uint32).max:
+        else:
+            if matrix.nnz and matrix.data.max() > np.iinfo(np.uint32).max:
+                raise SclabelError(
+                    f"{self.source or self.dataset}: a count above {np.iinfo(np.uint32).max} near row "
+                    f"{self.num_rows}; counts are stored as unsigned 32-bit integers at most"
+                )
             matrix.data = matrix.data.astype(np.uint32, copy=False)
         matrix.indices = matrix.indices.astype(np.int32, copy=False)
         if self.mean_nnz is None:
             self.mean_nnz = matrix.nnz / matrix.shape[0]
         if self.rows_per_shard is None:
             self.rows_per_shard = fmt.rows_per_part(self.mean_nnz)
-        self._pending.append((matrix, self._codes(obs, matrix.shape[0])))
-        self._pending_rows += matrix.shape[0]
-        while self._pending_rows >= self.rows_per_shard:
-            self._flush(self.rows_per_shard)
+        if self._part is None:
+            nnz_hint = int(self.rows_per_shard * self.mean_nnz * 1.25)
+            self._part = PartBuffer(
+                self.rows_per_shard, nnz_hint, len(self.vocab), matrix.data.dtype, self.obs_columns
+            )
+        codes = self._codes(obs, matrix.shape[0])
+        start = 0
+        while start < matrix.shape[0]:
+            stop = min(matrix.shape[0], start + self._part.room)
+            self._part.add(matrix, codes, start, stop)
+            start = stop
+            if self._part.room == 0:
+                self._flush()
 
-    def _flush(self, num_rows: int) -> None:
-        """Write the first num_rows pending rows as one part; keep the rest pending."""
-        if len(self._pending) == 1:
-            mat = self._pending[0][0]
-        else:
-            mat = sp.vstack([m for m, _ in self._pending], format="csr")
-        codes = {c: np.concatenate([o[c] for _, o in self._pending]) for c in self.obs_columns}
-        self._pending = []
-        head = mat if num_rows == mat.shape[0] else mat[:num_rows]
+    def _flush(self) -> None:
+        """Write the buffered rows as one part and empty the buffer."""
+        assert self._part is not None and self._part.num_rows
+        part = self._part
         part_rel = f"{fmt.SHARDS_DIR}/{self.dataset}/{fmt.part_name(len(self._shards))}"
         part_dir = self._stage_root / fmt.part_name(len(self._shards))
+        n, nnz = part.num_rows, part.nnz
         idx_dt, val_dt = write_part(
             part_dir,
-            head,
-            {c: v[:num_rows] for c, v in codes.items()},
+            part.indptr[: n + 1],
+            part.indices[:nnz],
+            part.data[:nnz],
+            {c: v[:n] for c, v in part.codes.items()},
             self.value_kind,
             len(self.vocab),
             self.mean_nnz or 1.0,
@@ -287,8 +313,8 @@ class StoreWriter:
             fmt.ShardEntry(
                 path=part_rel,
                 dataset=self.dataset,
-                num_rows=num_rows,
-                nnz=int(head.nnz),
+                num_rows=n,
+                nnz=nnz,
                 row_offset=self.index.num_rows + self.num_rows,
                 value_kind=self.value_kind,
                 indices_dtype=idx_dt,
@@ -296,11 +322,9 @@ class StoreWriter:
                 sha256=fmt.shard_checksum(part_dir),
             )
         )
-        self.num_rows += num_rows
-        self.nnz += int(head.nnz)
-        rest = self._pending_rows - num_rows
-        self._pending = [(mat[num_rows:], {c: v[num_rows:] for c, v in codes.items()})] if rest else []
-        self._pending_rows = rest
+        self.num_rows += n
+        self.nnz += nnz
+        part.clear()
 
     # -- commit / abort -----------------------------------------------------------------------------------
 
@@ -308,8 +332,8 @@ class StoreWriter:
         """Flush, move shards into place, write the report, then replace index.json last; returns the index."""
         if self._closed:
             return self.index
-        if self._pending_rows:
-            self._flush(self._pending_rows)
+        if self._part is not None and self._part.num_rows:
+            self._flush()
         root = self._final_root
         os.replace(self._stage_root, root / fmt.SHARDS_DIR / self.dataset)
         report_rel = f"{fmt.REPORTS_DIR}/{self.dataset}.json"
