@@ -58,6 +58,17 @@ def main(argv: list[str] | None = None) -> int:
 
     train_data = dataset("train")
     vocab = train_data.vocab
+    if tc.val_every:  # an empty held-out split would log a meaningless 0 loss: refuse it up front
+        probe = dataset("val")
+        num_val_batches = probe.num_batches_per_epoch
+        probe.close()
+        if num_val_batches == 0:
+            raise SclabelError(
+                f"validation split has no batch: data.val_fraction={cfg.data.val_fraction} of the corpus in "
+                f"chunks of data.chunk_size={cfg.data.chunk_size} rows gives fewer than "
+                f"{cfg.data.batch_size * env.world_size} cells; raise val_fraction, lower chunk_size, "
+                "or set train.val_every=0"
+            )
 
     # -- model and engine -------------------------------------------------------------------------------------
     model_args = build_model_args(cfg.model, cfg.tokenize, vocab_size=len(vocab) + 2)

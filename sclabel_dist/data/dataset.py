@@ -1,0 +1,257 @@
+"""The streaming pipeline: partition -> shuffle -> read (threads) -> tokenise -> mask -> batch, with exact resume.
+
+One StreamingCellDataset per rank. Iterating it yields CellBatch (or raw CSRBlock) forever for split "train",
+epoch after epoch, or one deterministic pass for "val". Work runs in a small thread pool (no forked workers:
+TileDB and zarr hold threads and locks that do not survive fork): window reads are submitted up to
+`read_threads * read_ahead` windows ahead, batch assembly + tokenisation a few batches ahead, so memory is
+bounded by the configuration. The pool's FIFO order guarantees a batch job only waits on reads submitted
+before it, so the pool never deadlocks on itself.
+
+State: {seed, epoch, samples_seen, world_size, history, epoch_samples}; samples_seen counts the batches
+handed to the caller (not those read ahead). See partition.py for why these integers reproduce the stream.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from sclabel_dist.config import DataConfig, TokenizeConfig
+from sclabel_dist.data import partition, shuffle
+from sclabel_dist.data.batch import CellBatch
+from sclabel_dist.data.corpus import Corpus, build_corpus
+from sclabel_dist.data.stores.base import CSRBlock
+from sclabel_dist.data.tokenize import check_config, tokenize_block
+from sclabel_dist.errors import SclabelError
+
+_BATCHES_AHEAD = 2  # per read thread: tokenised batches in flight
+
+
+class StreamingCellDataset:
+    """A rank's stream of batches over a Corpus; `state_dict()` / `load_state_dict()` resume it exactly."""
+
+    def __init__(
+        self,
+        corpus: Corpus,
+        data: DataConfig,
+        tokenize: TokenizeConfig,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        split: str = "train",
+        raw: bool = False,
+    ):
+        if not 0 <= rank < world_size:
+            raise SclabelError(f"rank {rank} outside world size {world_size}")
+        check_config(tokenize)
+        self.corpus = corpus
+        self.data = data
+        self.tokenize = tokenize
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.split = split
+        self.raw = raw
+        self.train = split == "train"
+        self.vocab = corpus.stores[0].vocab if corpus.stores else None
+        self.value_kinds = sorted({k for s in corpus.stores for _, _, k in s.value_kinds()})
+        self._epoch = 0
+        self._history: list[list[int]] = []  # [world_size, global samples] of earlier segments this epoch
+        self._consumed = 0  # rows this rank handed out in the current segment (equal on every rank)
+        self._pool: ThreadPoolExecutor | None = None
+        self._num_batches: int | None = None
+        self._pin = torch.cuda.is_available()
+
+    # -- plans -----------------------------------------------------------------------------------------
+
+    def _epoch_units(self, epoch: int) -> partition.Units:
+        if not self.train:  # validation: every selected row once, in store order
+            return self.corpus.chunks
+        return partition.epoch_units(
+            self.corpus.chunks, seed=self.seed, epoch=epoch, weights=self.data.weights or None
+        )
+
+    def _plan(self, units: partition.Units) -> partition.RankPlan:
+        return partition.plan_rank(
+            units,
+            rank=self.rank,
+            world=self.world_size,
+            batch_size=self.data.batch_size,
+            window_units=self.data.shuffle_chunks,
+            drop_last=self.data.drop_last and self.train,
+        )
+
+    @property
+    def num_batches_per_epoch(self) -> int:
+        """Batches every rank delivers in an epoch at this world size (with mixing weights: +-1 across epochs)."""
+        if self._num_batches is None:
+            self._num_batches = self._plan(self._epoch_units(0)).num_batches
+        return self._num_batches
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    # -- state -----------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """A few JSON-able integers describing what the caller has consumed."""
+        done = sum(s for _, s in self._history)
+        return {
+            "seed": self.seed,
+            "epoch": self._epoch,
+            "samples_seen": done + self._consumed * self.world_size,
+            "world_size": self.world_size,
+            "history": [list(h) for h in self._history],
+            "epoch_samples": self._epoch_units(self._epoch).num_rows,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from state_dict(); another world size repartitions the rest of the epoch (partition.py)."""
+        try:
+            seed, epoch, seen, world = (
+                int(state[k]) for k in ("seed", "epoch", "samples_seen", "world_size")
+            )
+            history = [[int(w), int(s)] for w, s in state.get("history", [])]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SclabelError(f"loader state {state!r}: malformed ({exc})") from None
+        self.seed, self._epoch = seed, epoch
+        expected = state.get("epoch_samples")
+        if expected is not None and int(expected) != self._epoch_units(epoch).num_rows:
+            raise SclabelError(
+                f"loader state: the checkpoint's epoch had {expected} cells, this corpus has "
+                f"{self._epoch_units(epoch).num_rows}; the stores, filters or splits changed since"
+            )
+        current = seen - sum(s for _, s in history)
+        if current % world:
+            raise SclabelError(f"loader state: {current} samples do not split over {world} ranks")
+        if world != self.world_size and current > 0:
+            # Close the old world's segment; the new world gets what remains of the epoch.
+            history.append([world, current])
+            current = 0
+        self._history = history
+        self._consumed = current // world if world == self.world_size else 0
+
+    # -- iteration ---------------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[CellBatch | CSRBlock]:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.data.read_threads, thread_name_prefix="sclabel-read")
+        if not self.train:
+            yield from self._segment(self._plan(self._epoch_units(0)), 0, 0, 0, count=False)
+            return
+        if self.num_batches_per_epoch == 0:
+            raise SclabelError(
+                f"{self.corpus.total_rows} training cells give no full batch of {self.data.batch_size} on each "
+                f"of {self.world_size} ranks: lower data.batch_size or add data"
+            )
+        while True:
+            units = partition.segment_units(
+                self._epoch_units(self._epoch),
+                [tuple(h) for h in self._history],
+                window_units=self.data.shuffle_chunks,
+                seed=self.seed,
+                epoch=self._epoch,
+            )
+            segment = len(self._history)
+            yield from self._segment(self._plan(units), self._epoch, segment, self._consumed, count=True)
+            self._epoch += 1
+            self._history = []
+            self._consumed = 0
+
+    def _segment(
+        self, plan: partition.RankPlan, epoch: int, segment: int, start: int, *, count: bool
+    ) -> Iterator[CellBatch | CSRBlock]:
+        """The batches of one segment from stream position `start` (a multiple of the batch size)."""
+        pool = self._pool
+        assert pool is not None
+        bsz = self.data.batch_size
+        windows: dict[int, Future] = {}
+        next_window = plan.window_of(start) if start < plan.num_samples else plan.num_windows
+        max_windows = self.data.read_threads * self.data.read_ahead
+        pending: deque[Future] = deque()
+        b_next = start // bsz
+
+        def submit_reads(upto: int) -> None:
+            nonlocal next_window
+            while next_window <= min(upto, plan.num_windows - 1):
+                windows[next_window] = pool.submit(self._read_window, plan, next_window, epoch, segment)
+                next_window += 1
+
+        while b_next < plan.num_batches or pending:
+            while b_next < plan.num_batches and len(pending) < _BATCHES_AHEAD * self.data.read_threads:
+                p0 = min(b_next * bsz, plan.num_samples)
+                p1 = min(p0 + bsz, plan.num_samples)
+                first = plan.window_of(p0)
+                last = plan.window_of(p1 - 1) if p1 > p0 else first
+                submit_reads(max(last, first + max_windows - 1))
+                for w in [w for w in windows if w < first]:
+                    del windows[w]  # batch jobs already hold the futures they need
+                parts = [(windows[w], int(plan.window_starts[w])) for w in range(first, last + 1) if p1 > p0]
+                pending.append(pool.submit(self._make_batch, parts, p0, p1, epoch, segment, b_next))
+                b_next += 1
+            batch = pending.popleft().result()
+            if count:
+                self._consumed += bsz  # counted when handed over: read-ahead is not consumption
+            yield batch
+
+    def _read_window(self, plan: partition.RankPlan, w: int, epoch: int, segment: int) -> tuple:
+        store, pos = partition.window_rows(
+            plan, w, seed=self.seed, epoch=epoch, segment=segment, rank=self.rank, shuffle_=self.train
+        )
+        return self.corpus.read(store, pos)
+
+    def _make_batch(
+        self, parts: list[tuple[Future, int]], p0: int, p1: int, epoch: int, segment: int, index: int
+    ) -> CellBatch | CSRBlock:
+        """Rows [p0, p1) of the stream from the windows covering them, tokenised unless raw."""
+        pieces = []
+        for fut, w_start in parts:
+            block, order = fut.result()
+            lo, hi = max(p0 - w_start, 0), min(p1 - w_start, len(order))
+            if hi > lo:
+                pieces.append(block.take(order[lo:hi]))
+        block = CSRBlock.concat(pieces, self.corpus.num_genes)
+        if self.raw:
+            return block
+        rng = shuffle.token_rng(self.seed, epoch, segment, self.rank, index)
+        batch = tokenize_block(
+            block.indptr,
+            block.indices,
+            block.data,
+            block.lognorm,
+            self.tokenize,
+            train=self.train,
+            mask=True,
+            rng=rng,
+        )
+        return batch.pin_memory() if self._pin else batch
+
+    def close(self) -> None:
+        """Stop the reader threads and close the stores."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self.corpus.close()
+
+
+def build_dataset(
+    data: DataConfig,
+    tokenize: TokenizeConfig,
+    *,
+    rank: int,
+    world_size: int,
+    seed: int,
+    split: str = "train",
+    raw: bool = False,
+) -> StreamingCellDataset:
+    """Open the corpus of `split` and return this rank's stream (raw=True: CSRBlock batches, no tokenising)."""
+    corpus = build_corpus(data, split=split, seed=seed)
+    return StreamingCellDataset(
+        corpus, data, tokenize, rank=rank, world_size=world_size, seed=seed, split=split, raw=raw
+    )

@@ -1,0 +1,168 @@
+"""Tokenisation and masking: gene selection, binning, continuous values, CLS/pad, mask rules, edge cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from sclabel_dist.config import TokenizeConfig
+from sclabel_dist.data.masking import mask_tokens, num_masked
+from sclabel_dist.data.tokenize import bin_values, tokenize_csr
+from sclabel_dist.errors import SclabelError
+from sclabel_dist.vocab import CLS_ID, NUM_SPECIAL, PAD_ID
+
+
+@pytest.fixture(autouse=True, params=["numpy", "numba"])
+def backend(request, monkeypatch) -> str:
+    """Every test runs against both tokeniser backends."""
+    if request.param == "numba":
+        pytest.importorskip("numba")
+    monkeypatch.setenv("SCLABEL_TOKENIZE_BACKEND", request.param)
+    return request.param
+
+
+def cfg(**kw) -> TokenizeConfig:
+    return TokenizeConfig(**{"max_len": 5, "num_bins": 4, **kw})
+
+
+def csr(rows: list[list[float]]) -> sp.csr_matrix:
+    return sp.csr_matrix(np.array(rows, dtype=np.float32))
+
+
+def test_cls_pad_and_gene_ids_edge_cases():
+    m = csr([[0, 0, 0, 0, 0, 0], [0, 0, 7, 0, 0, 0], [1, 2, 0, 0, 0, 3]])  # empty, single gene, few genes
+    b = tokenize_csr(m, cfg(), value_kind="counts", train=False, mask=False)
+    assert b.gene_ids.dtype == torch.int64 and b.values.dtype == torch.int64
+    assert b.gene_ids.shape == (3, 4)  # padded to the longest cell: CLS + 3 genes
+    assert (b.gene_ids[:, 0] == CLS_ID).all() and (b.values[:, 0] == 0).all()
+    assert b.gene_ids[0].tolist() == [CLS_ID, PAD_ID, PAD_ID, PAD_ID]
+    assert b.gene_ids[1].tolist() == [CLS_ID, 2 + NUM_SPECIAL, PAD_ID, PAD_ID]
+    assert b.gene_ids[2].tolist() == [CLS_ID, 0 + NUM_SPECIAL, 1 + NUM_SPECIAL, 5 + NUM_SPECIAL]
+    assert b.attention_mask.tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    assert b.values[1, 1] == 1  # a single gene is in the lowest bin
+    assert b.values[2, 1:].tolist() == [1, 2, 3]  # 1 + floor(4 * r / 3)
+    assert not b.masked.any() and b.labels is None
+    padded = tokenize_csr(m, cfg(pad_to_max_len=True), value_kind="counts", train=False, mask=False)
+    assert padded.gene_ids.shape == (3, 5)
+
+
+def test_ties_share_a_bin_and_top_selection_breaks_ties_by_gene_index():
+    m = csr([[2, 2, 2, 2, 2, 2, 9]])
+    b = tokenize_csr(m, cfg(max_len=4), value_kind="counts", train=False, mask=False)
+    # Top 3 by value: gene 6 (9) then the lowest-index genes among the tied 2s; output in gene order.
+    assert b.gene_ids[0].tolist() == [CLS_ID, 0 + NUM_SPECIAL, 1 + NUM_SPECIAL, 6 + NUM_SPECIAL]
+    # Bins over ALL 7 genes, before the subset: the six 2s share bin 1, the 9 is 1 + floor(4 * 6 / 7) = 4.
+    assert b.values[0].tolist() == [0, 1, 1, 4]
+
+
+def test_bin_values_range_and_monotone():
+    rng = np.random.default_rng(0)
+    m = sp.random(50, 200, density=0.3, format="csr", random_state=1, dtype=np.float32)
+    m.data = np.ceil(m.data * 20)
+    bins = bin_values(m.indptr.astype(np.int64), m.data, 51)
+    assert bins.min() >= 1 and bins.max() <= 51
+    for i in rng.choice(50, 5):
+        sl = slice(m.indptr[i], m.indptr[i + 1])
+        order = np.argsort(m.data[sl], kind="stable")
+        assert (np.diff(bins[sl][order]) >= 0).all()
+
+
+def test_random_selection_is_seeded_and_bounded():
+    m = csr([list(range(1, 21))])
+    c = cfg(max_len=8)
+    a = tokenize_csr(m, c, value_kind="counts", train=True, mask=False, rng=np.random.default_rng(1))
+    b = tokenize_csr(m, c, value_kind="counts", train=True, mask=False, rng=np.random.default_rng(1))
+    d = tokenize_csr(m, c, value_kind="counts", train=True, mask=False, rng=np.random.default_rng(2))
+    assert torch.equal(a.gene_ids, b.gene_ids) and not torch.equal(a.gene_ids, d.gene_ids)
+    assert a.attention_mask.sum() == 8
+    genes = a.gene_ids[0, 1:]
+    assert (genes[1:] > genes[:-1]).all()  # kept in gene order
+
+
+def test_continuous_uses_total_before_subsetting_and_lognorm_as_is():
+    row = np.array([[1, 3, 0, 6, 10]], dtype=np.float32)
+    c = cfg(max_len=3, value_encoding="continuous")
+    b = tokenize_csr(csr(row), c, value_kind="counts", train=False, mask=False)
+    assert b.values.dtype == torch.float32
+    expect = np.log1p(np.array([6, 10]) / 20 * 1e4)  # total 20 over all four genes
+    np.testing.assert_allclose(b.values[0, 1:].numpy(), expect, rtol=1e-6)
+    ln = tokenize_csr(csr(row / 10), c, value_kind="lognorm", train=False, mask=False)
+    np.testing.assert_allclose(ln.values[0, 1:].numpy(), [0.6, 1.0], rtol=1e-6)
+    # Binning is rank based: a log-normalised copy bins exactly like its counts.
+    cb = tokenize_csr(csr(row), cfg(), value_kind="counts", train=False, mask=False)
+    lb = tokenize_csr(
+        csr(np.log1p(row / row.sum() * 1e4)), cfg(), value_kind="lognorm", train=False, mask=False
+    )
+    assert torch.equal(cb.values, lb.values)
+
+
+def test_masking_rules():
+    rng = np.random.default_rng(0)
+    m = sp.random(40, 30, density=0.4, format="csr", random_state=0, dtype=np.float32)
+    m.data = np.ceil(m.data * 10)
+    m = m.tolil()
+    m[0] = 0
+    m[1] = 0
+    m[1, 3] = 5
+    m = m.tocsr()
+    m.eliminate_zeros()
+    b = tokenize_csr(m, cfg(max_len=16, mask_ratio=0.25), value_kind="counts", train=True, mask=True, rng=rng)
+    assert not (b.masked & ~b.attention_mask).any()  # never pad
+    assert not b.masked[:, 0].any()  # never CLS
+    real = b.attention_mask.sum(1) - 1
+    assert torch.equal(b.masked.sum(1), torch.from_numpy(num_masked(real.numpy(), 0.25)))
+    assert b.masked[1].sum() == 1 and b.masked[0].sum() == 0  # one gene -> masked; empty -> none
+    assert (b.values[b.masked] == 0).all() and (b.targets[b.masked] > 0).all()
+    assert torch.equal(b.values[~b.masked], b.targets[~b.masked])
+
+
+def test_backends_agree_at_evaluation(backend):
+    pytest.importorskip("numba")
+    from sclabel_dist.data.tokenize import tokenize_block
+
+    rng = np.random.default_rng(3)
+    m = sp.random(64, 300, density=0.2, format="csr", random_state=4, dtype=np.float32)
+    m.data = np.ceil(m.data * 50)
+    m[5] = m[5] * 0.37  # a non-integer row takes the sorting path of the binning
+    m = m.tocsr()
+    for enc in ("binned", "continuous"):
+        c = cfg(max_len=40, value_encoding=enc, num_bins=11)
+        lognorm = rng.random(64) < 0.3
+        out = [
+            tokenize_block(
+                m.indptr, m.indices, m.data, lognorm, c, train=False, mask=False, rng=None, backend=b
+            )
+            for b in ("numpy", "numba")
+        ]
+        assert torch.equal(out[0].gene_ids, out[1].gene_ids)
+        torch.testing.assert_close(out[0].values, out[1].values)
+
+
+def test_mask_tokens_exact_counts():
+    indptr = np.array([0, 0, 1, 11, 111])
+    out = mask_tokens(indptr, 0.15, np.random.default_rng(0))
+    assert [out[a:b].sum() for a, b in zip(indptr[:-1], indptr[1:], strict=True)] == [0, 1, 2, 15]
+
+
+def test_eval_output_independent_of_other_cells():
+    rng = np.random.default_rng(5)
+    m = sp.random(30, 40, density=0.5, format="csr", random_state=2, dtype=np.float32)
+    m.data = np.ceil(m.data * 9)
+    c = cfg(max_len=12, pad_to_max_len=True)
+    whole = tokenize_csr(m, c, value_kind="counts", train=False, mask=False)
+    for i in rng.choice(30, 5):
+        one = tokenize_csr(m[[i]], c, value_kind="counts", train=False, mask=False)
+        assert torch.equal(one.gene_ids[0], whole.gene_ids[i]) and torch.equal(one.values[0], whole.values[i])
+
+
+def test_labels_and_config_errors():
+    b = tokenize_csr(csr([[1, 0]]), cfg(), value_kind="counts", train=False, mask=False, labels=np.array([3]))
+    assert b.labels.tolist() == [3]
+    with pytest.raises(SclabelError):
+        tokenize_csr(csr([[1, 0]]), cfg(max_len=1), value_kind="counts", train=False, mask=False)
+    with pytest.raises(SclabelError):
+        tokenize_csr(csr([[1, 0]]), cfg(), value_kind="tpm", train=False, mask=False)
+    with pytest.raises(SclabelError):
+        tokenize_csr(csr([[-1, 0]]), cfg(), value_kind="counts", train=False, mask=False)
