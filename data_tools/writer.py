@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from data_tools.part_buffer import PartBuffer
+from data_tools.part_buffer import PartBuffer, release_freed_memory
 from sclabel_dist.data import format as fmt
 from sclabel_dist.errors import SclabelError
 from sclabel_dist.vocab import GeneVocab
@@ -326,6 +326,7 @@ class StoreWriter:
         self.num_rows += n
         self.nnz += nnz
         part.clear()
+        release_freed_memory()
 
     # -- commit / abort -----------------------------------------------------------------------------------
 
