@@ -41,7 +41,9 @@ class DataConfig:
     read_threads: int = doc(2, "background reader threads")
     read_ahead: int = doc(4, "blocks read ahead per thread (bounds memory)")
     drop_last: bool = doc(True, "drop the ragged last batch so every rank gets equal batches")
-    vocab: str = doc("", "vocab.json of the run ('' = the first Zarr store's); needed when all stores are SOMA")
+    vocab: str = doc(
+        "", "vocab.json of the run ('' = the first Zarr store's); needed when all stores are SOMA"
+    )
 
 
 @dataclass
@@ -58,7 +60,9 @@ class TokenizeConfig:
     )
     eval_gene_selection: str = doc("top", "gene selection at evaluation / inference (deterministic)")
     mask_ratio: float = doc(0.15, "fraction of a cell's real tokens whose value is masked for MLM")
-    pad_to_max_len: bool = doc(False, "pad every batch to max_len (static shapes) instead of its longest cell")
+    pad_to_max_len: bool = doc(
+        False, "pad every batch to max_len (static shapes) instead of its longest cell"
+    )
 
 
 @dataclass
@@ -90,8 +94,12 @@ class TrainConfig:
     zero_stage: int = doc(2, "DeepSpeed ZeRO stage: 0, 1, 2 or 3")
     val_every: int = doc(0, "validation loss every N steps (0 = off)")
     val_batches: int = doc(4, "batches per validation")
-    deepspeed: str = doc("", "optional DeepSpeed JSON preset merged under the generated config (configs/deepspeed/)")
-    init_from: str = doc("", "export bundle whose weights start a new run (ignored when resuming a checkpoint)")
+    deepspeed: str = doc(
+        "", "optional DeepSpeed JSON preset merged under the generated config (configs/deepspeed/)"
+    )
+    init_from: str = doc(
+        "", "export bundle whose weights start a new run (ignored when resuming a checkpoint)"
+    )
 
 
 @dataclass
@@ -259,6 +267,7 @@ class FinetuneTrainConfig:
     grad_clip: float = doc(1.0, "gradient norm clip (0 = off)")
     label_smoothing: float = doc(0.0, "label smoothing of the cross-entropy")
     patience: int = doc(6, "stop after this many epochs without a better validation macro-F1")
+    min_epochs: int = doc(10, "never stop early before this many epochs (a fresh head needs a start)")
     eval_batch_size: int = doc(64, "cells per batch for validation, test and prediction")
 
 

@@ -1,0 +1,1 @@
+"""Helpers for fine-tuning, prediction and evaluation on labelled `.h5ad` files (no DeepSpeed here)."""

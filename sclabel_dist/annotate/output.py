@@ -1,0 +1,85 @@
+"""Write predictions into a copy of the user's `.h5ad` (and a CSV beside it), atomically, never over the input."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sclabel_dist.errors import SclabelError
+
+UNASSIGNED = "Unassigned"
+
+
+def csv_path_for(out: Path) -> Path:
+    """The CSV written beside an annotated `.h5ad`: same name, `.csv` suffix."""
+    return out.with_suffix(".csv")
+
+
+def check_output(out: Path, data: Path, overwrite: bool) -> None:
+    """Refuse writing over the input, or over an existing output unless `overwrite`."""
+    if out.resolve() == data.resolve():
+        raise SclabelError(f"{out}: the output would replace the input file; choose another --out")
+    for path in (out, csv_path_for(out)):
+        if path.exists() and not overwrite:
+            raise SclabelError(f"{path}: output exists; pass --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise SclabelError(f"{out.parent}: output directory does not exist")
+
+
+def assign_labels(
+    probs: np.ndarray, classes: list[str], threshold: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(label under threshold -> Unassigned, confidence = max probability, top label regardless of threshold)."""
+    top = probs.argmax(axis=1)
+    confidence = probs[np.arange(len(probs)), top].astype(np.float32)
+    top_label = np.asarray(classes, dtype=object)[top]
+    label = np.where(confidence >= threshold, top_label, UNASSIGNED).astype(object)
+    return label, confidence, top_label
+
+
+def write_annotated(
+    adata: Any,
+    out: Path,
+    *,
+    label: np.ndarray,
+    confidence: np.ndarray,
+    top_label: np.ndarray,
+    embedding: np.ndarray,
+    uns: dict[str, Any],
+) -> Path:
+    """Add obs["sclabel_label"], obs["sclabel_confidence"], obsm["X_sclabel"] to a copy and write it + the CSV.
+
+    Both files go to a temporary name first and are renamed at the end, so an interrupted run never leaves
+    a half-written file under the requested name. Returns the CSV path.
+    """
+    import pandas as pd
+
+    result = adata.copy()  # the caller's AnnData (and the input file) stay untouched
+    result.obs["sclabel_label"] = pd.Categorical(label)
+    result.obs["sclabel_confidence"] = confidence.astype(np.float32)
+    result.obs["sclabel_top_label"] = pd.Categorical(top_label)
+    result.obsm["X_sclabel"] = embedding.astype(np.float32)
+    result.uns["sclabel"] = uns
+    csv = csv_path_for(out)
+    frame = pd.DataFrame(
+        {
+            "cell": result.obs_names,
+            "sclabel_label": label,
+            "sclabel_confidence": confidence,
+            "sclabel_top_label": top_label,
+        }
+    )
+    tmp_h5 = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp_csv = csv.with_name(f".{csv.name}.tmp-{os.getpid()}")
+    try:
+        result.write_h5ad(tmp_h5)
+        frame.to_csv(tmp_csv, index=False)
+        os.replace(tmp_h5, out)
+        os.replace(tmp_csv, csv)
+    finally:
+        for tmp in (tmp_h5, tmp_csv):
+            tmp.unlink(missing_ok=True)
+    return csv

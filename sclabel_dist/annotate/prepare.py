@@ -1,0 +1,74 @@
+"""Map an input's genes onto the model vocabulary (the same matching as ingest) and check its value kind fits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from sclabel_dist.errors import SclabelError
+
+# expm1 of log1p(counts per 10k) sums to 10,000 per cell; anything far off is another log scale.
+CP10K_RANGE = (5e3, 2e4)
+
+
+def match_to_vocab(
+    inp: Any, vocab: Any, *, min_genes: int, min_fraction: float
+) -> tuple[sp.csr_matrix, dict]:
+    """(CSR in vocabulary space, match report); refuses a match with too few genes or too little expression."""
+    from sclabel_dist.vocab import remap_csr
+
+    match = vocab.match(inp.var_names, ensembl=inp.ensembl)
+    per_column = np.asarray(inp.X.sum(axis=0)).ravel()
+    report = match.report(per_column)
+    fraction = float(report.get("fraction_counts", report["fraction_genes"]))
+    if report["genes_matched"] < min_genes or fraction < min_fraction:
+        examples = ", ".join(report["unmatched_examples"][:5])
+        raise SclabelError(
+            f"{inp.path}: only {report['genes_matched']} of {report['genes_total']} genes match the model's "
+            f"{report['vocab_genes']}-gene vocabulary, carrying {fraction:.1%} of the expression "
+            f"(need >= {min_genes} genes and {min_fraction:.0%}); unmatched e.g. {examples}. Check the species "
+            "and that var_names (or var['ensembl']) hold gene symbols or Ensembl IDs"
+        )
+    return remap_csr(inp.X, match), report
+
+
+def format_match_report(report: dict) -> str:
+    """One line for the terminal."""
+    line = (
+        f"genes: {report['genes_matched']:,} of {report['genes_total']:,} matched the vocabulary "
+        f"({report['fraction_genes']:.1%}; {report['matched_by_ensembl']:,} by Ensembl ID, "
+        f"{report['matched_by_symbol']:,} by symbol)"
+    )
+    if "fraction_counts" in report:
+        line += f", carrying {report['fraction_counts']:.1%} of the expression"
+    if report.get("unmatched_examples"):
+        line += f"; unmatched e.g. {', '.join(report['unmatched_examples'][:5])}"
+    if report.get("duplicates_dropped"):
+        line += f"; {report['duplicates_dropped']} duplicate columns dropped"
+    return line
+
+
+def check_value_kind(X: sp.csr_matrix, value_kind: str, tokenize: dict, where: str) -> str:
+    """A note on how the input's value kind is handled for this model, or SclabelError when it cannot be.
+
+    Binned models see per-cell quantile bins, which any monotone per-cell transform (log-normalising)
+    leaves unchanged, so counts and log-normalised input give the same tokens. Continuous models see
+    log1p(counts per 10k): counts are converted, log-normalised input is used as it is and so must already
+    be on that scale, which expm1 row sums reveal.
+    """
+    if tokenize.get("value_encoding", "binned") == "binned":
+        return f"input values: {value_kind}; binned per cell by rank, so counts and log-normalised bin alike"
+    if value_kind == "counts":
+        return "input values: counts, converted to log1p(counts per 10k) as the model expects"
+    sums = np.asarray(X.expm1().sum(axis=1)).ravel() if X.nnz else np.zeros(1)
+    median = float(np.median(sums))
+    if not CP10K_RANGE[0] <= median <= CP10K_RANGE[1]:
+        raise SclabelError(
+            f"{where}: log-normalised input (not counts), but not log1p(counts per 10k) (expm1 of a cell sums to "
+            f"{median:,.0f}, not ~10,000), and this model reads continuous log1p(counts per 10k) values: they "
+            "would be mis-scaled. Give raw counts (e.g. a 'counts' layer: --data.layer=counts) or "
+            "log1p(counts per 10k)"
+        )
+    return "input values: log1p(counts per 10k), used as they are (the model's continuous scale)"

@@ -1,0 +1,197 @@
+"""`sclabel evaluate`: fine-tune and test over seeds, beside the logistic-regression baseline on the same splits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sclabel_dist.errors import SclabelError
+
+UPSAMPLE_CHOICES = {"on": [True], "off": [False], "both": [True, False]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sclabel_dist.finetune import USAGE_EXAMPLES
+
+    p = argparse.ArgumentParser(
+        prog="sclabel evaluate",
+        description=__doc__,
+        epilog=USAGE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="export bundle directory (pretrained)")
+    p.add_argument("--data", required=True, help="labelled .h5ad file")
+    p.add_argument("--label-key", required=True, help="obs column holding the cell types")
+    p.add_argument("--out", default=None, help="output directory (default runs/evaluate/<data name>)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="split / training seeds")
+    p.add_argument(
+        "--upsample",
+        choices=sorted(UPSAMPLE_CHOICES),
+        default="on",
+        help="fine-tune with up-sampling, without, or both (default on)",
+    )
+    p.add_argument("--config", default=None, help="YAML FinetuneConfig")
+    p.add_argument("--split-key", default=None, help="obs column with train / val / test per cell")
+    p.add_argument("--train-mode", default=None, help="full | frozen | top:N")
+    p.add_argument("--save-models", action="store_true", help="also write each fine-tuned bundle")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    return p
+
+
+def _sd(a: np.ndarray) -> float:
+    return float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and spread (sample std) per method over seeds."""
+    out = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        sel = [r for r in rows if r["method"] == method]
+        acc = np.array([r["accuracy"] for r in sel])
+        f1 = np.array([r["macro_f1"] for r in sel])
+        out.append(
+            {
+                "method": method,
+                "seeds": len(sel),
+                "accuracy": float(acc.mean()),
+                "accuracy_sd": _sd(acc),
+                "macro_f1": float(f1.mean()),
+                "macro_f1_sd": _sd(f1),
+                "minutes": float(np.mean([r["minutes"] for r in sel])),
+            }
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+    from accelerate import Accelerator
+
+    from sclabel_dist.annotate import baseline
+    from sclabel_dist.annotate.classifier import resolve_bundle_dir
+    from sclabel_dist.annotate.h5ad import read_h5ad, read_labels
+    from sclabel_dist.annotate.report import classification_metrics, format_table
+    from sclabel_dist.bundle import load_bundle
+    from sclabel_dist.finetune import (
+        fit,
+        make_split,
+        parse_config,
+        prepare_input,
+        prepare_run_dir,
+        save_outputs,
+    )
+
+    args, extra = build_parser().parse_known_args(argv)
+    args.no_upsample, args.seed = False, None
+    cfg = parse_config(args, extra)
+    # cpu=True on a machine without CUDA is what lets torchrun / accelerate launch run several CPU processes
+    # (gloo); with it unset Accelerate falls back to one process per launch.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    main_proc = accelerator.is_main_process
+    log = print if main_proc else (lambda *_: None)
+    t_start = time.perf_counter()
+    data = Path(args.data)
+    out = Path(args.out or f"runs/evaluate/{data.stem}")
+    prepare_run_dir(out, args.overwrite, create=False)
+    bundle = load_bundle(resolve_bundle_dir(args.model))
+    inp = read_h5ad(data, layer=cfg.data.layer or None)
+    labels = read_labels(inp, args.label_key)
+    log(
+        f"data: {inp.path} ({inp.X.shape[0]:,} cells x {inp.X.shape[1]:,} genes, {inp.value_kind}); model: {bundle.path}"
+    )
+    prep = prepare_input(bundle, inp, cfg, log)
+    if main_proc:
+        prepare_run_dir(out, args.overwrite, create=True)
+    accelerator.wait_for_everyone()
+
+    rows: list[dict[str, Any]] = []
+    for seed in args.seeds:
+        cfg.train.seed = seed
+        split = make_split(labels, inp, cfg, args.split_key)
+        if len(split.test) == 0:
+            raise SclabelError(
+                f"{data}: the split has no test cells; set data.test_fraction > 0 or a 'test' split"
+            )
+        # The baseline learns from every non-test cell (it needs no validation split), as in the README.
+        t0 = time.perf_counter()
+        fit_cells = np.sort(np.concatenate([split.train, split.val]))
+        pred = baseline.fit_predict(inp.X, split.y, fit_cells, split.test, inp.value_kind, seed=seed)
+        m = classification_metrics(split.y[split.test], pred, split.classes)
+        rows.append(
+            {
+                "method": "logistic regression",
+                "seed": seed,
+                "accuracy": m["accuracy"],
+                "macro_f1": m["macro_f1"],
+                "minutes": (time.perf_counter() - t0) / 60,
+            }
+        )
+        log(f"seed {seed} baseline: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}")
+        for upsample in UPSAMPLE_CHOICES[args.upsample]:
+            cfg.upsample.enabled = upsample
+            name = f"fine-tuned ({'up-sampling' if upsample else 'no up-sampling'})"
+            log(f"seed {seed} {name}:")
+            t0 = time.perf_counter()
+            fitted = fit(bundle, prep, split, cfg, accelerator, log=log)
+            minutes = (time.perf_counter() - t0) / 60
+            m = fitted.test_metrics
+            rows.append(
+                {
+                    "method": name,
+                    "seed": seed,
+                    "accuracy": m["accuracy"],
+                    "macro_f1": m["macro_f1"],
+                    "minutes": minutes,
+                    "best_epoch": fitted.train.best_epoch,
+                }
+            )
+            if main_proc:
+                run = out / f"seed{seed}_{'upsample' if upsample else 'no_upsample'}"
+                run.mkdir(parents=True, exist_ok=True)
+                info = {
+                    "model": str(bundle.path),
+                    "data": str(data),
+                    "label_key": args.label_key,
+                    "split_key": args.split_key,
+                    "minutes": minutes,
+                }
+                save_outputs(run, bundle, prep, split, fitted, cfg, info, save_model=args.save_models)
+    summary = summarise(rows)
+    table = format_table(
+        summary, ["method", "seeds", "accuracy", "accuracy_sd", "macro_f1", "macro_f1_sd", "minutes"]
+    )
+    if main_proc:
+        result = {
+            "data": str(data),
+            "model": str(bundle.path),
+            "label_key": args.label_key,
+            "seeds": args.seeds,
+            "summary": summary,
+            "runs": rows,
+            "gene_match": prep.match_report,
+            "value_note": prep.value_note,
+            "minutes": (time.perf_counter() - t_start) / 60,
+        }
+        (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "table.md").write_text(
+            f"{data.name}, seeds {args.seeds}, test = stratified hold-out\n\n{table}\n"
+        )
+        print(table)
+        print(
+            f"wrote {out}/table.md, results.json and per-seed metrics / plots "
+            f"in {(time.perf_counter() - t_start) / 60:.1f} min"
+        )
+    accelerator.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    from sclabel_dist.cli_common import dispatch
+
+    sys.exit(dispatch("sclabel", {"evaluate": ("sclabel_dist.evaluate", "")}, ["evaluate", *sys.argv[1:]]))

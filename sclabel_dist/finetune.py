@@ -1,0 +1,349 @@
+"""`sclabel finetune`: fine-tune an exported bundle into a cell-type classifier on a labelled `.h5ad` (Accelerate)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sclabel_dist.errors import SclabelError
+
+USAGE_EXAMPLES = """examples:
+  sclabel finetune --model runs/export --data train.h5ad --label-key cell_type --out runs/ft
+  accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m sclabel_dist.finetune --model runs/export \
+      --data train.h5ad --label-key cell_type --out runs/ft      (cpu_2proc.yaml: two CPU processes)
+  overrides: --train.epochs=10 --upsample.cap=500 --data.test_fraction=0.2 (any FinetuneConfig field)
+"""
+
+
+@dataclass
+class Prepared:
+    """The input in the model's gene space, with everything needed to tokenise it as in pretraining."""
+
+    csr: Any  # scipy CSR, vocabulary gene space
+    tok_cfg: Any  # TokenizeConfig from the bundle
+    value_kind: str
+    match_report: dict
+    value_note: str
+
+
+@dataclass
+class FitOutput:
+    """What one fine-tuning produced."""
+
+    model: Any
+    classes: list[str]
+    test_metrics: dict | None
+    train: Any  # TrainResult
+    upsample: dict
+    test_prob: np.ndarray | None
+
+
+def build_parser(prog: str = "sclabel finetune") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=__doc__,
+        epilog=USAGE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="export bundle directory (from `sclabel export`)")
+    p.add_argument("--data", required=True, help="labelled .h5ad file")
+    p.add_argument("--label-key", required=True, help="obs column holding the cell types")
+    p.add_argument(
+        "--out", required=True, help="run directory to write (bundle in OUT/model, metrics, plots)"
+    )
+    p.add_argument("--config", default=None, help="YAML FinetuneConfig (e.g. configs/finetune/default.yaml)")
+    p.add_argument("--split-key", default=None, help="obs column with train / val / test per cell")
+    p.add_argument("--no-upsample", action="store_true", help="do not up-sample rare classes")
+    p.add_argument("--train-mode", default=None, help="full | frozen | top:N (overrides train.train_mode)")
+    p.add_argument("--seed", type=int, default=None, help="overrides train.seed")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    return p
+
+
+def parse_config(args: argparse.Namespace, extra: list[str]) -> Any:
+    """FinetuneConfig from --config, then `--section.key=value` overrides, then the dedicated flags."""
+    from sclabel_dist.config import FinetuneConfig, load_config
+
+    bad = [a for a in extra if not (a.startswith("--") and "." in a.split("=")[0] and "=" in a)]
+    if bad:
+        raise SclabelError(f"unrecognised arguments {bad}; overrides look like --train.epochs=5")
+    if args.no_upsample:
+        extra.append("upsample.enabled=false")
+    if args.train_mode:
+        extra.append(f"train.train_mode={args.train_mode}")
+    if args.seed is not None:
+        extra.append(f"train.seed={args.seed}")
+    return load_config(FinetuneConfig, args.config, extra)
+
+
+def prepare_run_dir(out: Path, overwrite: bool, *, create: bool) -> None:
+    """Refuse an existing non-empty output directory unless --overwrite, and never delete one we did not write.
+
+    Called twice: first only to check (before any slow work), then to clear and create it once the inputs
+    have passed their checks, so a refused input leaves nothing behind.
+    """
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise SclabelError(f"{out}: output exists; pass --overwrite to replace it")
+        ours = ("metrics.json", "results.json", "model")
+        if not out.is_dir() or not any((out / name).exists() for name in ours):
+            raise SclabelError(f"{out}: exists and is not a sclabel run directory; refusing to replace it")
+        if create:
+            shutil.rmtree(out)
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
+
+
+def prepare_input(bundle: Any, inp: Any, cfg: Any, log: Any = print) -> Prepared:
+    """Match genes to the bundle's vocabulary (refusing a poor match) and check the value kind fits the model."""
+    from sclabel_dist.annotate.inference import tokenize_config
+    from sclabel_dist.annotate.prepare import check_value_kind, format_match_report, match_to_vocab
+
+    csr, report = match_to_vocab(
+        inp, bundle.vocab, min_genes=cfg.data.min_matched_genes, min_fraction=cfg.data.min_matched_fraction
+    )
+    log(format_match_report(report))
+    note = check_value_kind(inp.X, inp.value_kind, bundle.config["tokenize"], str(inp.path))
+    log(note)
+    return Prepared(csr, tokenize_config(bundle.config["tokenize"]), inp.value_kind, report, note)
+
+
+def make_split(labels: np.ndarray, inp: Any, cfg: Any, split_key: str | None) -> Any:
+    """Stratified seeded split, or the user's split column."""
+    from sclabel_dist.annotate.splits import column_split, stratified_split
+
+    d = cfg.data
+    if split_key:
+        if split_key not in inp.obs.columns:
+            raise SclabelError(f"{inp.path}: split key {split_key!r} not in obs")
+        return column_split(
+            labels,
+            inp.obs[split_key].to_numpy(dtype=object),
+            seed=cfg.train.seed,
+            val_fraction=d.val_fraction,
+            min_cells=d.min_cells_per_class,
+            where=str(inp.path),
+        )
+    return stratified_split(
+        labels,
+        seed=cfg.train.seed,
+        test_fraction=d.test_fraction,
+        val_fraction=d.val_fraction,
+        min_cells=d.min_cells_per_class,
+        where=str(inp.path),
+    )
+
+
+def fit(
+    bundle: Any,
+    prep: Prepared,
+    split: Any,
+    cfg: Any,
+    accelerator: Any,
+    *,
+    writer: Any = None,
+    log: Any = print,
+) -> FitOutput:
+    """Up-sample the training split, fine-tune with early stopping, and score the test split."""
+    from sclabel_dist.annotate.classifier import build_classifier, set_trainable
+    from sclabel_dist.annotate.inference import run_model
+    from sclabel_dist.annotate.report import classification_metrics
+    from sclabel_dist.annotate.trainer import train_classifier
+    from sclabel_dist.annotate.upsample import upsample_indices
+
+    t = cfg.train
+    train = split.train
+    if cfg.upsample.enabled:
+        train = upsample_indices(
+            split.train, split.y, seed=t.seed, target=cfg.upsample.target, cap=cfg.upsample.cap
+        )
+    upsample = {
+        "enabled": cfg.upsample.enabled,
+        "train_cells": len(split.train),
+        "train_cells_upsampled": len(train),
+        "counts": np.bincount(split.y[train], minlength=len(split.classes)).tolist(),
+    }
+    log(
+        f"split: train {len(split.train)} ({len(train)} after up-sampling), val {len(split.val)}, "
+        f"test {len(split.test)}; {len(split.classes)} classes"
+    )
+    for note in split.notes:
+        log(f"note: {note}")
+    model = build_classifier(bundle.config["model_args"], bundle.state_dict, len(split.classes), t.seed)
+    encoder, head = set_trainable(model, t.train_mode)
+    groups = [g for g in ({"params": encoder, "lr": t.lr}, {"params": head, "lr": t.head_lr}) if g["params"]]
+    result = train_classifier(
+        accelerator,
+        model,
+        groups,
+        prep.csr,
+        split.y,
+        train,
+        split.val,
+        prep.tok_cfg,
+        prep.value_kind,
+        t,
+        writer=writer,
+        log=log,
+    )
+    metrics, prob = None, None
+    if len(split.test):
+        _, prob = run_model(
+            result.model,
+            prep.csr[split.test],
+            prep.tok_cfg,
+            prep.value_kind,
+            batch_size=t.eval_batch_size,
+            device=accelerator.device,
+        )
+        metrics = classification_metrics(split.y[split.test], prob.argmax(1), split.classes)
+        log(
+            f"test: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} ({len(split.test)} cells)"
+        )
+    return FitOutput(result.model, split.classes, metrics, result, upsample, prob)
+
+
+def save_outputs(
+    out: Path,
+    bundle: Any,
+    prep: Prepared,
+    split: Any,
+    fitted: FitOutput,
+    cfg: Any,
+    info: dict,
+    *,
+    save_model: bool = True,
+) -> dict:
+    """Write OUT/model (fine-tuned bundle), metrics.json, gene_match.json and the plots; returns the metrics."""
+    from sclabel_dist.annotate.report import plot_confusion, plot_f1_bars
+    from sclabel_dist.bundle import save_bundle
+    from sclabel_dist.config import to_dict
+
+    tr = fitted.train
+    metrics = {
+        **info,
+        "test": fitted.test_metrics,
+        "best_epoch": tr.best_epoch,
+        "val_best": tr.best_val,
+        "history": tr.history,
+        "split": split.summary(),
+        "upsample": fitted.upsample,
+        "gene_match": prep.match_report,
+        "value_kind": prep.value_kind,
+        "value_note": prep.value_note,
+        "config": to_dict(cfg),
+        "train_seconds": tr.seconds,
+        "steps": tr.steps,
+    }
+    (out / "gene_match.json").write_text(json.dumps(prep.match_report, indent=2) + "\n")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if fitted.test_metrics and cfg.log.plots:
+        plot_confusion(fitted.test_metrics, out / "confusion_matrix.png")
+        plot_f1_bars(fitted.test_metrics, out / "per_class_f1.png")
+    if save_model:
+        config = {
+            "model_args": fitted.model.args.to_dict(),
+            "tokenize": bundle.config["tokenize"],
+            "labels": fitted.classes,
+            "finetune": {
+                "base_model": str(bundle.path),
+                "base_vocab_hash": bundle.vocab.hash,
+                "value_kind": prep.value_kind,
+                "config": to_dict(cfg),
+                "best_epoch": tr.best_epoch,
+                "label_key": info.get("label_key"),
+                "data": info.get("data"),
+            },
+            "pretrain": bundle.config.get("pretrain", {}),
+        }
+        save_bundle(out / "model", fitted.model.state_dict(), config, bundle.vocab, model_card(info, fitted))
+    return metrics
+
+
+def model_card(info: dict, fitted: FitOutput) -> str:
+    test = fitted.test_metrics or {}
+    lines = [
+        "# sclabel fine-tuned cell-type classifier",
+        "",
+        f"- base model: {info.get('model')}",
+        f"- data: {info.get('data')} (labels from obs[{info.get('label_key')!r}])",
+        f"- classes ({len(fitted.classes)}): {', '.join(fitted.classes)}",
+        f"- best epoch: {fitted.train.best_epoch}; up-sampling: {fitted.upsample['enabled']}",
+        f"- test accuracy: {test.get('accuracy')}, macro-F1: {test.get('macro_f1')}",
+        "",
+        "Use: `sclabel predict --model THIS_DIR --data new.h5ad --out annotated.h5ad`",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def open_writer(out: Path, cfg: Any, accelerator: Any) -> Any:
+    if not (cfg.log.tensorboard and accelerator.is_main_process):
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+    from accelerate import Accelerator
+
+    from sclabel_dist.annotate.classifier import resolve_bundle_dir
+    from sclabel_dist.annotate.h5ad import read_h5ad, read_labels
+    from sclabel_dist.bundle import load_bundle
+
+    args, extra = build_parser().parse_known_args(argv)
+    cfg = parse_config(args, extra)
+    # cpu=True on a machine without CUDA is what lets torchrun / accelerate launch run several CPU processes
+    # (gloo); with it unset Accelerate falls back to one process per launch.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    log = print if accelerator.is_main_process else (lambda *_: None)
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    prepare_run_dir(out, args.overwrite, create=False)
+    bundle = load_bundle(resolve_bundle_dir(args.model))
+    inp = read_h5ad(args.data, layer=cfg.data.layer or None)
+    labels = read_labels(inp, args.label_key)
+    log(
+        f"data: {inp.path} ({inp.X.shape[0]:,} cells x {inp.X.shape[1]:,} genes, {inp.value_kind}); "
+        f"model: {bundle.path}"
+    )
+    prep = prepare_input(bundle, inp, cfg, log)
+    split = make_split(labels, inp, cfg, args.split_key)
+    if accelerator.is_main_process:
+        prepare_run_dir(out, args.overwrite, create=True)
+    accelerator.wait_for_everyone()
+    writer = open_writer(out, cfg, accelerator)
+    fitted = fit(bundle, prep, split, cfg, accelerator, writer=writer, log=log)
+    if writer is not None:
+        writer.close()
+    if accelerator.is_main_process:
+        info = {
+            "model": str(bundle.path),
+            "data": str(inp.path),
+            "label_key": args.label_key,
+            "split_key": args.split_key,
+            "num_processes": accelerator.num_processes,
+            "minutes": (time.perf_counter() - t0) / 60,
+        }
+        save_outputs(out, bundle, prep, split, fitted, cfg, info)
+        log(
+            f"wrote {out}/model (fine-tuned bundle), metrics.json, confusion_matrix.png, per_class_f1.png, "
+            f"tensorboard/ in {(time.perf_counter() - t0) / 60:.1f} min"
+        )
+    accelerator.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    from sclabel_dist.cli_common import dispatch
+
+    sys.exit(dispatch("sclabel", {"finetune": ("sclabel_dist.finetune", "")}, ["finetune", *sys.argv[1:]]))
