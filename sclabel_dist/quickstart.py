@@ -139,7 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/quickstart", help="directory for every artefact")
     p.add_argument("--nproc", type=int, default=2, help="pretraining processes (torchrun --nproc_per_node)")
     p.add_argument("--pretrain-steps", type=int, default=300, help="pretraining optimizer steps")
-    p.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning epochs (default: config's)")
+    p.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=12,
+        help="fine-tuning epochs (bounded so the whole loop stays well under 10 minutes on 2 CPU cores)",
+    )
     p.add_argument("--flavour", default="debug", help="model size flavour")
     p.add_argument("--seed", type=int, default=0, help="split, pretraining and fine-tuning seed")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier quickstart in --out")
@@ -244,8 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         "--seed",
         str(args.seed),
     ]
-    if args.finetune_epochs is not None:
-        finetune.append(f"--train.epochs={args.finetune_epochs}")
+    finetune.append(f"--train.epochs={args.finetune_epochs}")
     run_step("Fine-tune: classifier on the training cells", finetune, logs)
     run_step(
         "Predict: annotate the held-out test cells",
