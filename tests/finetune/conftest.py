@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import gene_names, make_bundle, make_counts, write_h5ad  # noqa: E402
+from helpers import finetune_args, gene_names, make_bundle, make_counts, write_h5ad  # noqa: E402
 
 NUM_GENES = 200
 # Few, short epochs: the end-to-end tests check plumbing and determinism, not accuracy.
@@ -43,19 +43,6 @@ def finetuned(tiny_dir: Path, tiny_h5ad: Path, tiny_bundle: Path) -> Path:
     from sclabel_dist.cli import main
 
     out = tiny_dir / "run"
-    rc = main(
-        [
-            "finetune",
-            "--model",
-            str(tiny_bundle),
-            "--data",
-            str(tiny_h5ad),
-            "--label-key",
-            "cell_type",
-            "--out",
-            str(out),
-            *FAST,
-        ]
-    )
+    rc = main(finetune_args(str(tiny_bundle), str(tiny_h5ad), str(out), *FAST))
     assert rc == 0
     return out

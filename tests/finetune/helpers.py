@@ -74,3 +74,21 @@ def make_bundle(
     model = ScLabelNet(args)
     config = {"model_args": args.to_dict(), "tokenize": to_dict(tok)}
     return save_bundle(out, model.state_dict(), config, vocab, "# tiny random test bundle\n")
+
+
+def finetune_args(
+    model: Path | str, data: Path | str, out: Path | str, *extra: str, key: str = "cell_type"
+) -> list[str]:
+    """`sclabel finetune` arguments for the tests (extra flags appended as given)."""
+    return [
+        "finetune",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--label-key",
+        key,
+        "--out",
+        str(out),
+        *extra,
+    ]

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import gene_names, make_bundle, make_counts, write_h5ad
+from helpers import finetune_args, gene_names, make_bundle, make_counts, write_h5ad
 
 from sclabel_dist.cli import main
 
@@ -17,21 +16,6 @@ def run(capsys, *argv: str) -> str:
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     return err
-
-
-def finetune_args(model: Path, data: Path, out: Path, key: str = "cell_type") -> list[str]:
-    return [
-        "finetune",
-        "--model",
-        str(model),
-        "--data",
-        str(data),
-        "--label-key",
-        key,
-        "--out",
-        str(out),
-        "--train.epochs=1",
-    ]
 
 
 def test_label_key_absent(capsys, tiny_h5ad, tiny_bundle, tmp_path):

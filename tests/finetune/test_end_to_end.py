@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import FAST
-from helpers import gene_names, make_bundle, make_counts, write_h5ad
+from helpers import finetune_args, gene_names, make_bundle, make_counts, write_h5ad
 
 from sclabel_dist.cli import main
 
@@ -40,23 +40,7 @@ def test_finetune_writes_bundle_metrics_plots_and_curves(finetuned: Path):
 
 def test_finetune_is_reproducible(tiny_dir: Path, tiny_h5ad: Path, tiny_bundle: Path, finetuned: Path):
     out = tiny_dir / "run_again"
-    assert (
-        main(
-            [
-                "finetune",
-                "--model",
-                str(tiny_bundle),
-                "--data",
-                str(tiny_h5ad),
-                "--label-key",
-                "cell_type",
-                "--out",
-                str(out),
-                *FAST,
-            ]
-        )
-        == 0
-    )
+    assert main(finetune_args(str(tiny_bundle), str(tiny_h5ad), str(out), *FAST)) == 0
     a = json.loads((finetuned / "metrics.json").read_text())
     b = json.loads((out / "metrics.json").read_text())
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
@@ -149,21 +133,15 @@ def test_train_modes_freeze_the_encoder(tiny_dir, tiny_h5ad, tiny_bundle, mode):
     out = tiny_dir / f"run_{mode.replace(':', '')}"
     assert (
         main(
-            [
-                "finetune",
-                "--model",
+            finetune_args(
                 str(tiny_bundle),
-                "--data",
                 str(tiny_h5ad),
-                "--label-key",
-                "cell_type",
-                "--out",
                 str(out),
                 "--train-mode",
                 mode,
                 "--train.epochs=1",
                 "--no-upsample",
-            ]
+            )
         )
         == 0
     )
@@ -194,18 +172,7 @@ def test_continuous_model_takes_counts_and_cp10k_lognorm(tiny_dir):
         data = write_h5ad(tiny_dir / f"cont_{kind}.h5ad", matrix, {"cell_type": labels}, gene_names(200))
         assert (
             main(
-                [
-                    "finetune",
-                    "--model",
-                    str(bundle),
-                    "--data",
-                    str(data),
-                    "--label-key",
-                    "cell_type",
-                    "--out",
-                    str(tiny_dir / f"run_cont_{kind}"),
-                    "--train.epochs=1",
-                ]
+                finetune_args(str(bundle), str(data), str(tiny_dir / f"run_cont_{kind}"), "--train.epochs=1")
             )
             == 0
         )
@@ -222,20 +189,14 @@ def test_finetune_and_predict_on_a_real_lognorm_set(shared_data, tmp_path):
     run = tmp_path / "run"
     assert (
         main(
-            [
-                "finetune",
-                "--model",
+            finetune_args(
                 str(bundle),
-                "--data",
                 str(src),
-                "--label-key",
-                "cell_type",
-                "--out",
                 str(run),
                 "--train.epochs=1",
                 "--train.max_steps_per_epoch=3",
                 "--data.min_matched_fraction=0.05",
-            ]
+            )
         )
         == 0
     )
@@ -295,23 +256,7 @@ def test_user_split_column(tiny_dir, tiny_bundle):
     bundle = tiny_bundle
     out = tiny_dir / "run_split"
     assert (
-        main(
-            [
-                "finetune",
-                "--model",
-                str(bundle),
-                "--data",
-                str(data),
-                "--label-key",
-                "cell_type",
-                "--out",
-                str(out),
-                "--split-key",
-                "part",
-                "--train.epochs=1",
-            ]
-        )
-        == 0
+        main(finetune_args(str(bundle), str(data), str(out), "--split-key", "part", "--train.epochs=1")) == 0
     )
     split = json.loads((out / "metrics.json").read_text())["split"]
     assert split["num_test"] == int((parts == "test").sum()) and split["num_val"] > 0
