@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from sclabel_dist.cli_common import dispatch
+if __name__ == "__main__":  # `python -m` / `accelerate launch -m`: same error handling as `sclabel evaluate`
+    from sclabel_dist.cli import main as sclabel_main
 
-    sys.exit(dispatch("sclabel", {"evaluate": ("sclabel_dist.evaluate", "")}, ["evaluate", *sys.argv[1:]]))
+    sys.exit(sclabel_main(["evaluate", *sys.argv[1:]]))

@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from sclabel_dist.cli_common import dispatch
+if __name__ == "__main__":  # `python -m` / `accelerate launch -m`: same error handling as `sclabel finetune`
+    from sclabel_dist.cli import main as sclabel_main
 
-    sys.exit(dispatch("sclabel", {"finetune": ("sclabel_dist.finetune", "")}, ["finetune", *sys.argv[1:]]))
+    sys.exit(sclabel_main(["finetune", *sys.argv[1:]]))

@@ -9,6 +9,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from sclabel_dist.errors import SclabelError
 from sclabel_dist.vocab import GeneVocab
 
 _HAVE_NUMBA = importlib.util.find_spec("numba") is not None
@@ -155,3 +156,11 @@ def open_store(uri: str, *, vocab: GeneVocab | None = None, **kwargs: Any) -> Ce
             raise SclabelError(f"{uri}: a SOMA experiment needs the run's vocabulary to map its genes")
         return SomaCellStore(uri, vocab=vocab, **kwargs)
     raise SclabelError(f"{uri}: neither a cell store (no {fmt.INDEX_FILE}) nor a SOMA experiment")
+
+
+def checked_rows(rows: np.ndarray, num_rows: int, uri: str) -> np.ndarray:
+    """Sorted row ids as int64, refused with the store's name when they fall outside [0, num_rows)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) and (rows[0] < 0 or rows[-1] >= num_rows):
+        raise SclabelError(f"{uri}: row ids out of range [0, {num_rows})")
+    return rows

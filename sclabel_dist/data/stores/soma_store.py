@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from sclabel_dist.data.stores.base import CSRBlock
+from sclabel_dist.data.stores.base import CSRBlock, checked_rows
 from sclabel_dist.errors import SclabelError
 from sclabel_dist.vocab import GeneVocab
 
@@ -108,11 +108,9 @@ class SomaCellStore:
         return [(0, self.num_rows, getattr(self, "value_kind", "counts"))]
 
     def read_rows(self, rows: np.ndarray) -> CSRBlock:
-        rows = np.asarray(rows, dtype=np.int64)
+        rows = checked_rows(rows, self.num_rows, self.uri)
         if len(rows) == 0:
             return CSRBlock.empty(self.num_genes)
-        if rows[0] < 0 or rows[-1] >= self.num_rows:
-            raise SclabelError(f"{self.uri}: row ids out of range [0, {self.num_rows})")
         # Queries of at most _ROWS_PER_QUERY rows: each result is converted before the next is fetched, so
         # the transient COO arrays (20 bytes per non-zero) stay small whatever the window size.
         parts = [self._read(rows[i : i + _ROWS_PER_QUERY]) for i in range(0, len(rows), _ROWS_PER_QUERY)]

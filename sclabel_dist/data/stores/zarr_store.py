@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from sclabel_dist.data import format as fmt
-from sclabel_dist.data.stores.base import CSRBlock, lognorm_flags, runs
+from sclabel_dist.data.stores.base import CSRBlock, checked_rows, lognorm_flags, runs
 from sclabel_dist.errors import SclabelError
 from sclabel_dist.vocab import GeneVocab
 
@@ -79,11 +79,9 @@ class ZarrCellStore:
         return out, np.concatenate(lengths)
 
     def read_rows(self, rows: np.ndarray) -> CSRBlock:
-        rows = np.asarray(rows, dtype=np.int64)
+        rows = checked_rows(rows, self.num_rows, self.uri)
         if len(rows) == 0:
             return CSRBlock.empty(self.num_genes)
-        if rows[0] < 0 or rows[-1] >= self.num_rows:
-            raise SclabelError(f"{self.uri}: row ids out of range [0, {self.num_rows})")
         slices, lengths = self._slices(rows)
         parts = _gather([(self._arrays[s][k], lo, hi) for s, lo, hi in slices for k in (0, 1)])
         indptr = np.zeros(len(rows) + 1, dtype=np.int64)
