@@ -240,6 +240,16 @@ class FinetuneDataConfig:
     min_cells_per_class: int = doc(2, "classes with fewer labelled cells are left out and reported")
     min_matched_genes: int = doc(100, "refuse data with fewer genes found in the model vocabulary")
     min_matched_fraction: float = doc(0.5, "refuse data whose matched genes carry less of the expression")
+    genes: str = doc(
+        "hvg",
+        "genes the classifier reads: 'hvg' (the num_genes most variable of the non-test cells) or 'all'",
+    )
+    num_genes: int = doc(2000, "how many most-variable genes with genes=hvg (the baseline's 2,000)")
+    max_len: int = doc(128, "tokens per cell in fine-tuning and prediction (0 = the bundle's max_len)")
+    train_gene_selection: str = doc(
+        "top",
+        "genes kept when a cell has more than max_len in training: 'top' (as in prediction) or 'random'",
+    )
 
 
 @dataclass
@@ -257,7 +267,7 @@ class FinetuneTrainConfig:
 
     seed: int = doc(0, "seed for the split, up-sampling, head init, data order and gene selection")
     train_mode: str = doc("full", "'full', 'frozen' (head only) or 'top:N' (top N encoder blocks + head)")
-    epochs: int = doc(30, "maximum passes over the (up-sampled) training split")
+    epochs: int = doc(12, "maximum passes over the (up-sampled) training split")
     max_steps_per_epoch: int = doc(0, "cap optimizer steps per epoch (0 = the whole split)")
     batch_size: int = doc(32, "cells per micro-batch per process")
     lr: float = doc(1e-3, "peak learning rate of the encoder")
@@ -266,8 +276,8 @@ class FinetuneTrainConfig:
     warmup_fraction: float = doc(0.05, "linear warmup as a fraction of all steps, then cosine decay")
     grad_clip: float = doc(1.0, "gradient norm clip (0 = off)")
     label_smoothing: float = doc(0.0, "label smoothing of the cross-entropy")
-    patience: int = doc(6, "stop after this many epochs without a better validation macro-F1")
-    min_epochs: int = doc(10, "never stop early before this many epochs (a fresh head needs a start)")
+    patience: int = doc(4, "stop after this many epochs without a better validation macro-F1")
+    min_epochs: int = doc(6, "never stop early before this many epochs (a fresh head needs a start)")
     eval_batch_size: int = doc(64, "cells per batch for validation, test and prediction")
 
 

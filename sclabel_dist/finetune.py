@@ -40,6 +40,7 @@ class FitOutput:
 
     model: Any
     classes: list[str]
+    genes: np.ndarray | None  # vocabulary columns the classifier reads (None = all)
     test_metrics: dict | None
     train: Any  # TrainResult
     upsample: dict
@@ -113,7 +114,18 @@ def prepare_input(bundle: Any, inp: Any, cfg: Any, log: Any = print) -> Prepared
     log(format_match_report(report))
     note = check_value_kind(inp.X, inp.value_kind, bundle.config["tokenize"], str(inp.path))
     log(note)
-    return Prepared(csr, tokenize_config(bundle.config["tokenize"]), inp.value_kind, report, note)
+    tok_cfg = tokenize_config(bundle.config["tokenize"])
+    if cfg.data.max_len:
+        # No positional embeddings: a fine-tuned classifier may read more (or fewer) genes than pretraining did.
+        tok_cfg.max_len = cfg.data.max_len
+    if cfg.data.train_gene_selection not in ("top", "random"):
+        raise SclabelError(
+            f"data.train_gene_selection {cfg.data.train_gene_selection!r}: use 'top' or 'random'"
+        )
+    # 'top' trains on exactly the tokens prediction will see; 'random' subsets are an augmentation that
+    # pretraining wants but that leaves a train / test gap for a classifier.
+    tok_cfg.train_gene_selection = cfg.data.train_gene_selection
+    return Prepared(csr, tok_cfg, inp.value_kind, report, note)
 
 
 def make_split(labels: np.ndarray, inp: Any, cfg: Any, split_key: str | None) -> Any:
@@ -154,6 +166,7 @@ def fit(
 ) -> FitOutput:
     """Up-sample the training split, fine-tune with early stopping, and score the test split."""
     from sclabel_dist.annotate.classifier import build_classifier, set_trainable
+    from sclabel_dist.annotate.genes import restrict_genes, select_genes
     from sclabel_dist.annotate.inference import run_model
     from sclabel_dist.annotate.report import classification_metrics
     from sclabel_dist.annotate.trainer import train_classifier
@@ -177,6 +190,14 @@ def fit(
     )
     for note in split.notes:
         log(f"note: {note}")
+    non_test = np.sort(np.concatenate([split.train, split.val]))
+    genes = select_genes(prep.csr, non_test, prep.value_kind, cfg.data.genes, cfg.data.num_genes)
+    csr = restrict_genes(prep.csr, genes)
+    if genes is not None:
+        log(
+            f"genes: the classifier reads the {len(genes):,} most variable genes of the non-test cells "
+            f"(median {np.median(np.diff(csr.indptr)):.0f} expressed per cell, max_len {prep.tok_cfg.max_len})"
+        )
     model = build_classifier(bundle.config["model_args"], bundle.state_dict, len(split.classes), t.seed)
     encoder, head = set_trainable(model, t.train_mode)
     groups = [g for g in ({"params": encoder, "lr": t.lr}, {"params": head, "lr": t.head_lr}) if g["params"]]
@@ -184,7 +205,7 @@ def fit(
         accelerator,
         model,
         groups,
-        prep.csr,
+        csr,
         split.y,
         train,
         split.val,
@@ -198,7 +219,7 @@ def fit(
     if len(split.test):
         _, prob = run_model(
             result.model,
-            prep.csr[split.test],
+            csr[split.test],
             prep.tok_cfg,
             prep.value_kind,
             batch_size=t.eval_batch_size,
@@ -208,7 +229,7 @@ def fit(
         log(
             f"test: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} ({len(split.test)} cells)"
         )
-    return FitOutput(result.model, split.classes, metrics, result, upsample, prob)
+    return FitOutput(result.model, split.classes, genes, metrics, result, upsample, prob)
 
 
 def save_outputs(
@@ -223,6 +244,7 @@ def save_outputs(
     save_model: bool = True,
 ) -> dict:
     """Write OUT/model (fine-tuned bundle), metrics.json, gene_match.json and the plots; returns the metrics."""
+    from sclabel_dist.annotate.genes import gene_names
     from sclabel_dist.annotate.report import plot_confusion, plot_f1_bars
     from sclabel_dist.bundle import save_bundle
     from sclabel_dist.config import to_dict
@@ -236,6 +258,7 @@ def save_outputs(
         "history": tr.history,
         "split": split.summary(),
         "upsample": fitted.upsample,
+        "input_genes": "all" if fitted.genes is None else len(fitted.genes),
         "gene_match": prep.match_report,
         "value_kind": prep.value_kind,
         "value_note": prep.value_note,
@@ -251,8 +274,9 @@ def save_outputs(
     if save_model:
         config = {
             "model_args": fitted.model.args.to_dict(),
-            "tokenize": bundle.config["tokenize"],
+            "tokenize": to_dict(prep.tok_cfg),
             "labels": fitted.classes,
+            "input_genes": gene_names(bundle.vocab, fitted.genes),
             "finetune": {
                 "base_model": str(bundle.path),
                 "base_vocab_hash": bundle.vocab.hash,

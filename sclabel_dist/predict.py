@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from sclabel_dist.annotate.classifier import load_classifier, resolve_bundle_dir
+    from sclabel_dist.annotate.genes import genes_from_names, restrict_genes
     from sclabel_dist.annotate.h5ad import read_h5ad
     from sclabel_dist.annotate.inference import run_model, tokenize_config
     from sclabel_dist.annotate.output import assign_labels, check_output, write_annotated
@@ -76,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(format_match_report(report))
     print(check_value_kind(inp.X, inp.value_kind, bundle.config["tokenize"], str(inp.path)))
+    # the genes the classifier was fine-tuned on (None = all): anything else was never in its input
+    csr = restrict_genes(
+        csr, genes_from_names(bundle.vocab, bundle.config.get("input_genes"), str(bundle.path))
+    )
     tok_cfg = tokenize_config(bundle.config["tokenize"])
     embedding, prob = run_model(
         model, csr, tok_cfg, inp.value_kind, batch_size=args.batch_size, device=device

@@ -87,7 +87,9 @@ def train_classifier(
     )
     total = steps_per_epoch * cfg.epochs
     warmup = max(1, int(cfg.warmup_fraction * total))
-    optimizer = torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)
+    # fused: one kernel over all parameters; the gene-embedding table is most of them, and the unfused
+    # step over it cost several times the forward and backward of a short-sequence batch on CPU.
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay, fused=True)
     for group in optimizer.param_groups:
         group["peak_lr"] = group["lr"]
     # Keep the bare module: prepare() may wrap it (DDP), and accelerator.unwrap_model() would import

@@ -35,7 +35,10 @@ def test_finetune_writes_bundle_metrics_plots_and_curves(finetuned: Path):
     bundle = load_bundle(finetuned / "model")
     assert bundle.config["labels"] == ["type_0", "type_1", "type_2", "type_3"]
     assert bundle.config["model_args"]["num_classes"] == 4
-    assert bundle.config["tokenize"]["max_len"] == 48  # tokenisation exactly as pretrained
+    # value bins as pretrained; the cell length and gene choice the classifier was tuned with
+    tok = bundle.config["tokenize"]
+    assert tok["num_bins"] == 11 and tok["max_len"] == 128 and tok["train_gene_selection"] == "top"
+    assert len(bundle.config["input_genes"]) == 200  # genes=hvg keeps all 200 when there are fewer than 2,000
 
 
 def test_finetune_is_reproducible(tiny_dir: Path, tiny_h5ad: Path, tiny_bundle: Path, finetuned: Path):

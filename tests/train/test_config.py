@@ -62,8 +62,15 @@ def test_dist_env_and_overrides():
         normalise_overrides(["stray"])
 
 
-@pytest.mark.parametrize("name", ["debug", "lung_100k", "atlas"])
+@pytest.mark.parametrize("name", ["debug", "lung_100k", "atlas", "shared_sets"])
 def test_shipped_configs_load(name):
     cfg = load_config(PretrainConfig, ROOT / f"configs/pretrain/{name}.yaml")
     if cfg.train.deepspeed:
         assert (ROOT / cfg.train.deepspeed).is_file()
+
+
+def test_finetune_yaml_is_the_built_in_default():
+    """`sclabel finetune` without --config must run the configuration configs/finetune/default.yaml documents."""
+    from sclabel_dist.config import FinetuneConfig
+
+    assert load_config(FinetuneConfig, ROOT / "configs/finetune/default.yaml") == FinetuneConfig()
