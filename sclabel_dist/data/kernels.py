@@ -1,4 +1,4 @@
-"""Compiled per-row kernels of the loader (numba): the tokeniser and the CSR row gather.
+"""Compiled per-row kernels of the loader (numba): the tokeniser, the CSR row gather, SOMA's COO -> CSR.
 
 The tokeniser makes one pass per cell of a CSR block, with the same rules as tokenize.py's numpy path.
 
@@ -238,3 +238,83 @@ def take_rows(
     out_data = np.empty(nnz, dtype=data.dtype)
     _gather_rows(indptr, indices, data, rows, out_indptr, out_indices, out_data)
     return out_indptr, out_indices, out_data
+
+
+@njit(nogil=True, cache=True)
+def _sort_rows(indptr, indices, data):
+    """Sort each row's genes ascending (rows of a var order that is not the vocabulary's)."""
+    for i in range(len(indptr) - 1):
+        s, e = indptr[i], indptr[i + 1]
+        for t in range(s + 1, e):
+            if indices[t] <= indices[t - 1]:
+                order = np.argsort(indices[s:e])
+                indices[s:e] = indices[s:e][order]
+                data[s:e] = data[s:e][order]
+                break
+
+
+@njit(nogil=True, cache=True)
+def _coo_rows_in_order(dim0, dim1, values, joinids, gene_of_col, indptr, indices, data):
+    """One sequential pass when the rows arrive in joinid order (TileDB's global order, the usual case);
+    False as soon as one does not, leaving the arrays to _coo_counting_sort."""
+    pos, row, last, prev_gene, unsorted = 0, -1, -1, -1, False
+    for k in range(len(dim0)):
+        if dim0[k] != last:
+            last = dim0[k]
+            r = np.searchsorted(joinids, last)  # once per row, not per non-zero
+            if r <= row:
+                return False
+            indptr[row + 1 : r + 1] = pos
+            row, prev_gene = r, -1
+        gene = gene_of_col[dim1[k]]
+        if gene >= 0:
+            unsorted |= gene <= prev_gene
+            prev_gene = gene
+            indices[pos] = gene
+            data[pos] = values[k]
+            pos += 1
+    indptr[row + 1 :] = pos
+    if unsorted:
+        _sort_rows(indptr, indices, data)
+    return True
+
+
+@njit(nogil=True, cache=True)
+def _coo_counting_sort(dim0, dim1, values, joinids, gene_of_col, indptr, indices, data):
+    """Rows in any order: count each row's in-vocabulary entries, then scatter them (stable per row)."""
+    indptr[:] = 0
+    for k in range(len(dim0)):
+        if gene_of_col[dim1[k]] >= 0:
+            indptr[np.searchsorted(joinids, dim0[k]) + 1] += 1
+    for i in range(len(joinids)):
+        indptr[i + 1] += indptr[i]
+    cursor = indptr[:-1].copy()
+    for k in range(len(dim0)):
+        gene = gene_of_col[dim1[k]]
+        if gene >= 0:
+            row = np.searchsorted(joinids, dim0[k])
+            indices[cursor[row]] = gene
+            data[cursor[row]] = values[k]
+            cursor[row] += 1
+    _sort_rows(indptr, indices, data)
+
+
+def coo_to_csr(
+    dim0: np.ndarray,
+    dim1: np.ndarray,
+    values: np.ndarray,
+    joinids: np.ndarray,
+    gene_of_col: np.ndarray,
+    index_dtype: type,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indptr, indices, data) of a SOMA COO result: row i holds joinid joinids[i] (sorted), genes mapped
+    through gene_of_col (-1 = dropped) and ascending within each row; GIL released."""
+    nnz = len(dim0)
+    indptr = np.zeros(len(joinids) + 1, dtype=np.int64)
+    indices = np.empty(nnz, dtype=index_dtype)
+    data = np.empty(nnz, dtype=np.float32)
+    args = (dim0, dim1, values, joinids, gene_of_col, indptr, indices, data)
+    if not _coo_rows_in_order(*args):
+        _coo_counting_sort(*args)
+    kept = int(indptr[-1])
+    return indptr, indices[:kept], data[:kept]

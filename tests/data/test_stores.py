@@ -46,6 +46,49 @@ def test_soma_and_zarr_give_identical_rows(store_a, soma_a, vocab):
     np.testing.assert_array_equal(s.obs_values("tissue"), z.obs_values("tissue"))
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+def test_soma_runs_split_over_queries(store_a, soma_a, vocab, monkeypatch, compiled):
+    """Runs and single rows over several queries (7 rows each), with the numba and the numpy conversion;
+    soma_a's var order is the vocabulary's reversed, so every row's genes need sorting."""
+    from sclabel_dist.data.stores import soma_store
+
+    monkeypatch.setattr(soma_store, "_ROWS_PER_QUERY", 7)
+    monkeypatch.setattr(soma_store, "HAVE_NUMBA", compiled)
+    _, m = store_a
+    store = open_store(str(soma_a), vocab=vocab)
+    rows = np.concatenate([np.arange(0, 40), np.arange(120, 140), [200, 469]])
+    block = store.read_rows(rows)
+    assert block.indices.dtype == np.uint16 and block.data.dtype == np.float32
+    np.testing.assert_array_equal(block.indptr, m[rows].indptr)
+    np.testing.assert_array_equal(dense(block), m[rows].toarray())
+    store.close()
+
+
+@pytest.mark.parametrize("order", ["by_row", "shuffled"])
+def test_coo_to_csr_kernel(order):
+    """Rows in joinid order (one pass) or not (counting sort), genes permuted, some outside the vocabulary."""
+    import scipy.sparse as sp
+
+    from sclabel_dist.data.kernels import coo_to_csr
+
+    rng = np.random.default_rng(0)
+    coo = sp.random(50, 30, density=0.2, format="coo", random_state=2, dtype=np.float32)
+    joinids = np.arange(50, dtype=np.int64) * 3 + 7  # sorted, with gaps
+    gene_of_col = rng.permutation(30).astype(np.int64)
+    gene_of_col[[4, 9]] = -1
+    perm = np.lexsort((coo.col, coo.row)) if order == "by_row" else rng.permutation(coo.nnz)
+    dim0, dim1, values = joinids[coo.row[perm]], coo.col[perm].astype(np.int64), coo.data[perm]
+    indptr, indices, data = coo_to_csr(dim0, dim1, values, joinids, gene_of_col, np.uint16)
+    keep = gene_of_col[coo.col] >= 0
+    expected = sp.csr_matrix((coo.data[keep], (coo.row[keep], gene_of_col[coo.col[keep]])), shape=(50, 30))
+    expected.sort_indices()
+    np.testing.assert_array_equal(indptr, expected.indptr)
+    np.testing.assert_array_equal(indices, expected.indices)
+    np.testing.assert_array_equal(data, expected.data)
+    empty = coo_to_csr(dim0[:0], dim1[:0], values[:0], joinids, gene_of_col, np.uint16)
+    assert (empty[0] == 0).all() and len(empty[1]) == 0
+
+
 def test_lognorm_flag_and_take(store_ln):
     path, m = store_ln
     store = open_store(str(path))

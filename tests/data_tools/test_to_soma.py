@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,24 @@ def test_store_round_trip(inputs, tmp_path):
         np.testing.assert_array_equal(obs[col].astype(str).to_numpy(), store_obs[col].astype(str))
     assert set(obs["dataset"].astype(str)) == {"synth"}
     assert [p.name for p in tmp_path.iterdir()] == ["exp"]  # the temp experiment was renamed, not left
+
+
+def test_x_layout_for_row_reads(inputs, tmp_path):
+    """X as the loader reads it fastest: row tiles of --row-tile cells, LZ4 on coordinates and values."""
+    import tiledbsoma
+
+    out = tmp_path / "exp"
+    to_soma.main([str(inputs / "s"), "--out", str(out), "--quiet"])
+    with tiledbsoma.SparseNDArray.open(str(out / "ms" / "RNA" / "X" / "counts")) as x:
+        options = x.schema_config_options()
+    dims, attrs = json.loads(options.dims), json.loads(options.attrs)
+    assert dims["soma_dim_0"]["tile"] == "16" and options.cell_order == "row-major"
+    for filters in (
+        dims["soma_dim_0"]["filters"],
+        dims["soma_dim_1"]["filters"],
+        attrs["soma_data"]["filters"],
+    ):
+        assert filters[-1]["name"] == "LZ4"
 
 
 def test_h5ad_round_trip_matches_store(inputs, tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 from sclabel_dist.errors import SclabelError
 from sclabel_dist.vocab import GeneVocab
 
-_HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None  # compiled kernels (kernels.py), else numpy
 
 
 @dataclass
@@ -49,7 +49,7 @@ class CSRBlock:
         """The block's rows in the order `rows` (a vectorised CSR row gather)."""
         rows = np.asarray(rows, dtype=np.int64)
         ids = None if self.ids is None else self.ids[rows]
-        if _HAVE_NUMBA:
+        if HAVE_NUMBA:
             from sclabel_dist.data.kernels import take_rows
 
             indptr, indices, data = take_rows(self.indptr, self.indices, self.data, rows)
@@ -62,9 +62,11 @@ class CSRBlock:
 
     @staticmethod
     def concat(blocks: Sequence[CSRBlock], num_genes: int) -> CSRBlock:
-        """Blocks stacked row-wise."""
+        """Blocks stacked row-wise (a single block is returned as is, not copied)."""
         if not blocks:
             return CSRBlock.empty(num_genes)
+        if len(blocks) == 1:
+            return blocks[0]
         sizes = [b.nnz for b in blocks]
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         indptr = np.concatenate([[0]] + [b.indptr[1:] + o for b, o in zip(blocks, offsets, strict=False)])
