@@ -271,21 +271,32 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def markdown(summary: list[dict], pretrain_info: list[dict]) -> str:
-    lines = ["| set | method | accuracy | macro-F1 | minutes per run |", "|---|---|---|---|---|"]
-    for s in summary:
-        lines.append(
-            f"| {s['set']} | {s['method']} | {s['accuracy']:.3f} ± {s['accuracy_sd']:.3f} | "
-            f"{s['macro_f1']:.3f} ± {s['macro_f1_sd']:.3f} | {s['minutes']:.1f} |"
-        )
+    """One row per set, one column per method: accuracy / macro-F1, each mean ± sample std over seeds."""
+    methods = list(METHODS.values())
+    lines = ["| set | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for name in dict.fromkeys(s["set"] for s in summary):
+        cells = []
+        for method in methods:
+            s = next((s for s in summary if s["set"] == name and s["method"] == method), None)
+            cells.append(
+                ""
+                if s is None
+                else f"{s['accuracy']:.3f} ± {s['accuracy_sd']:.3f} / {s['macro_f1']:.3f} ± {s['macro_f1_sd']:.3f}"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     p = pretrain_info[0]
     minutes = ", ".join(f"{i['minutes']:.1f}" for i in pretrain_info)
+    finetune = {m: np.mean([s["minutes"] for s in summary if s["method"] == m]) for m in methods}
     lines += [
         "",
+        "Accuracy / macro-F1, mean ± sample std over seeds "
+        f"{', '.join(str(i.get('seed', '?')) for i in pretrain_info)}.",
         f"Pretraining per seed: {p['steps']} steps on {p['total_cells']:,} cells, "
         f"{p['params']:,} parameters ({p['params_non_embedding']:,} outside embeddings), "
-        f"minutes {minutes}; "
-        f"final metrics {pretrain_info[0]['metrics']}.",
-        "Mean ± sample std over seeds; minutes are per fine-tuning (or baseline fit) per seed.",
+        f"minutes {minutes}; final metrics of the first: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in p["metrics"].items())
+        + ".",
+        "Mean minutes per run: " + ", ".join(f"{m[:3]} {v:.1f}" for m, v in finetune.items()) + ".",
     ]
     return "\n".join(lines) + "\n"
 
@@ -328,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, infos = [], []
     for seed in args.seeds:
         info = pretrain(seed, work, args, log)
-        infos.append(info)
+        infos.append({"seed": seed, **info})
         print(f"seed {seed}: pretrained {info['steps']} steps in {info['minutes']:.1f} min", flush=True)
         rows += seed_rows(seed, work, args, log)
     summary = summarise(rows)
