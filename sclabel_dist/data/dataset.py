@@ -3,9 +3,10 @@
 One StreamingCellDataset per rank. Iterating it yields CellBatch (or raw CSRBlock) forever for split "train",
 epoch after epoch, or one deterministic pass for "val". Work runs in a small thread pool (no forked workers:
 TileDB and zarr hold threads and locks that do not survive fork): window reads are submitted up to
-`read_threads * read_ahead` windows ahead, batch assembly + tokenisation a few batches ahead, so memory is
-bounded by the configuration. The pool's FIFO order guarantees a batch job only waits on reads submitted
-before it, so the pool never deadlocks on itself.
+`read_threads * read_ahead` windows ahead (into the next epoch near an epoch's end, so the readers never idle
+at the boundary), batch assembly + tokenisation a few batches ahead, so memory is bounded by the configuration.
+The pool's FIFO order guarantees a batch job only waits on reads submitted before it, so the pool never
+deadlocks on itself.
 
 State: {seed, epoch, samples_seen, world_size, history, epoch_samples}; samples_seen counts the batches
 handed to the caller (not those read ahead). See partition.py for why these integers reproduce the stream.
@@ -24,7 +25,7 @@ from sclabel_dist.config import DataConfig, TokenizeConfig
 from sclabel_dist.data import partition, shuffle
 from sclabel_dist.data.batch import CellBatch
 from sclabel_dist.data.corpus import Corpus, build_corpus
-from sclabel_dist.data.stores.base import CSRBlock
+from sclabel_dist.data.stores.base import HAVE_NUMBA, CSRBlock
 from sclabel_dist.data.tokenize import check_config, tokenize_block
 from sclabel_dist.errors import SclabelError
 
@@ -65,7 +66,19 @@ class StreamingCellDataset:
         self._consumed = 0  # rows this rank handed out in the current segment (equal on every rank)
         self._pool: ThreadPoolExecutor | None = None
         self._num_batches: int | None = None
+        # Reads of the next epoch's first windows, submitted while this epoch's last windows drain:
+        # (epoch, windows {w: future}, next window to submit). Only a stream that reaches the epoch's end
+        # uninterrupted uses them (segment 0 from position 0); anything else drops them.
+        self._carry: tuple[int, dict[int, Future], int] | None = None
         self._pin = torch.cuda.is_available()
+        if HAVE_NUMBA:
+            # Import the compiled kernels (numba: ~0.5 s, ~100k objects) now, not in a reader thread while
+            # the stream runs; the full garbage collection the new objects trigger then happens here too.
+            import gc
+
+            import sclabel_dist.data.kernels  # noqa: F401
+
+            gc.collect()
 
     # -- plans -----------------------------------------------------------------------------------------
 
@@ -136,6 +149,7 @@ class StreamingCellDataset:
             current = 0
         self._history = history
         self._consumed = current // world if world == self.world_size else 0
+        self._carry = None
 
     # -- iteration ---------------------------------------------------------------------------------------
 
@@ -173,15 +187,29 @@ class StreamingCellDataset:
         bsz = self.data.batch_size
         windows: dict[int, Future] = {}
         next_window = plan.window_of(start) if start < plan.num_samples else plan.num_windows
+        carry, self._carry = self._carry, None
+        if carry is not None and carry[0] == epoch and segment == 0 and start == 0:
+            _, windows, next_window = carry
         max_windows = self.data.read_threads * self.data.read_ahead
         pending: deque[Future] = deque()
         b_next = start // bsz
+        following: list = []  # [plan, windows, next window] of the next epoch, once its reads start
 
         def submit_reads(upto: int) -> None:
             nonlocal next_window
             while next_window <= min(upto, plan.num_windows - 1):
                 windows[next_window] = pool.submit(self._read_window, plan, next_window, epoch, segment)
                 next_window += 1
+            if count and upto >= plan.num_windows:
+                # The read-ahead horizon passes the epoch's end: keep the readers busy with the next
+                # epoch's first windows (the batches between stay bounded by the same max_windows).
+                if not following:
+                    following.extend([self._plan(self._epoch_units(epoch + 1)), {}, 0])
+                nxt, ahead, w = following
+                while w <= min(upto - plan.num_windows, nxt.num_windows - 1):
+                    ahead[w] = pool.submit(self._read_window, nxt, w, epoch + 1, 0)
+                    w += 1
+                following[2] = w
 
         while b_next < plan.num_batches or pending:
             while b_next < plan.num_batches and len(pending) < _BATCHES_AHEAD * self.data.read_threads:
@@ -198,6 +226,8 @@ class StreamingCellDataset:
             batch = pending.popleft().result()
             if count:
                 self._consumed += bsz  # counted when handed over: read-ahead is not consumption
+            if following and b_next >= plan.num_batches and not pending:
+                self._carry = (epoch + 1, following[1], following[2])  # set before the last hand-over
             yield batch
 
     def _read_window(self, plan: partition.RankPlan, w: int, epoch: int, segment: int) -> tuple:

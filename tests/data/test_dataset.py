@@ -178,3 +178,40 @@ def test_too_small_corpus_is_a_clear_error(store_ln):
     ds = build_dataset(dcfg([path], batch_size=100), TOK, rank=0, world_size=2, seed=0)
     with pytest.raises(SclabelError, match="no full batch"):
         next(iter(ds))
+
+
+def test_reads_run_ahead_into_the_next_epoch(store_a, monkeypatch):
+    """Near an epoch's end the next epoch's first windows are read ahead, each window is read once, and the
+    batches equal those of a stream resumed at the start of each epoch."""
+    from sclabel_dist.data.dataset import StreamingCellDataset
+
+    path, _ = store_a
+    data = dcfg([path], read_ahead=3)
+    reads, events = [], []
+    original = StreamingCellDataset._read_window
+
+    def counted(self, plan, w, epoch, segment):
+        reads.append((epoch, segment, w))
+        events.append(("read", epoch))
+        return original(self, plan, w, epoch, segment)
+
+    monkeypatch.setattr(StreamingCellDataset, "_read_window", counted)
+    ds = build_dataset(data, TOK, rank=0, world_size=1, seed=5, raw=True)
+    n = ds.num_batches_per_epoch
+    got = []
+    for batch in itertools.islice(iter(ds), 3 * n):
+        events.append(("batch", len(got)))
+        got.append(batch)
+    ds.close()
+    assert len(reads) == len(set(reads))  # no window read twice
+    # The pool is FIFO: the next epoch's first read starts before the epoch's last batch is handed over.
+    assert events.index(("read", 1)) < events.index(("batch", n - 1))
+    for epoch in range(3):
+        fresh = build_dataset(data, TOK, rank=0, world_size=1, seed=5, raw=True)
+        fresh.load_state_dict({"seed": 5, "epoch": epoch, "samples_seen": 0, "world_size": 1})
+        want = list(itertools.islice(iter(fresh), n))
+        fresh.close()
+        for a, b in zip(got[epoch * n : (epoch + 1) * n], want, strict=True):
+            np.testing.assert_array_equal(a.ids, b.ids)
+            np.testing.assert_array_equal(a.indptr, b.indptr)
+            np.testing.assert_array_equal(a.indices, b.indices)

@@ -13,13 +13,15 @@ def dense(block: CSRBlock) -> np.ndarray:
     return block.to_scipy().toarray()
 
 
-@pytest.mark.parametrize("zarrs", [False, True])
-def test_zarr_reads_runs_and_scattered_rows(store_a, zarrs):
+@pytest.mark.parametrize(("zarrs", "direct"), [(False, False), (True, False), (True, True)])
+def test_zarr_reads_runs_and_scattered_rows(store_a, zarrs, direct):
+    from sclabel_dist.data.stores.sharded import ShardedArray
     from sclabel_dist.data.stores.zarr_store import ZarrCellStore
 
     path, m = store_a
-    store = ZarrCellStore(path, zarrs=zarrs)
+    store = ZarrCellStore(path, zarrs=zarrs, direct=direct)
     assert isinstance(store, CellStore)
+    assert all(isinstance(a, ShardedArray) == direct for pair in store._arrays for a in pair)
     assert store.num_rows == 470 and store.num_genes == m.shape[1]
     # Runs crossing shard (128 rows) and dataset (300) boundaries, plus isolated rows.
     rows = np.concatenate([np.arange(120, 140), np.arange(290, 310), [0, 5, 469]])

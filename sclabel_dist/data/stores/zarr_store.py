@@ -1,8 +1,10 @@
 """ZarrCellStore: the sharded Zarr v3 cell store (layout in sclabel_dist/data/format.py) as a CellStore.
 
-Reads are batched: the runs of a read_rows call become element slices of `indices` and `data`, all fetched in
-one asyncio.gather on zarr's event loop, so chunk decoding overlaps across slices (in zarr's thread pool, or
-in Rust threads with the `zarrs` codec pipeline when it is installed).
+The runs of a read_rows call become element slices of `indices` and `data`. Arrays in the writer's layout
+(sharding over blosc) are read directly (sharded.py: chunks decoded into one preallocated output per array, GIL
+released, no zarr objects per slice), in the calling thread: the loader's reader threads are the parallelism.
+Other layouts go through zarr, all slices in one asyncio.gather on its event loop (decoding in Rust threads with
+the `zarrs` codec pipeline when it is installed).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 
 from sclabel_dist.data import format as fmt
 from sclabel_dist.data.stores.base import CSRBlock, checked_rows, lognorm_flags, runs
+from sclabel_dist.data.stores.sharded import ShardedArray, open_sharded
 from sclabel_dist.errors import SclabelError
 from sclabel_dist.vocab import GeneVocab
 
@@ -33,7 +36,7 @@ def use_zarrs_pipeline() -> bool:
 class ZarrCellStore:
     """A cell store directory opened read-only: indptr of every shard in RAM, indices/data read on demand."""
 
-    def __init__(self, uri: str | Path, *, zarrs: bool = True):
+    def __init__(self, uri: str | Path, *, zarrs: bool = True, direct: bool = True):
         import zarr
 
         if zarrs:
@@ -50,7 +53,11 @@ class ZarrCellStore:
         for shard in self.index.shards:
             group = zarr.open_group(str(Path(uri) / shard.path), mode="r")
             self._indptr.append(np.asarray(group[fmt.INDPTR][:], dtype=np.int64))
-            self._arrays.append((group[fmt.INDICES], group[fmt.DATA]))
+            fast = [open_sharded(Path(uri) / shard.path / name) for name in (fmt.INDICES, fmt.DATA)]
+            if direct and all(a is not None for a in fast):
+                self._arrays.append(tuple(fast))
+            else:
+                self._arrays.append((group[fmt.INDICES], group[fmt.DATA]))
         self._kinds = [
             (int(o), int(o) + s.num_rows, s.value_kind)
             for o, s in zip(self._offsets[:-1], self.index.shards, strict=True)
@@ -83,13 +90,32 @@ class ZarrCellStore:
         if len(rows) == 0:
             return CSRBlock.empty(self.num_genes)
         slices, lengths = self._slices(rows)
-        parts = _gather([(self._arrays[s][k], lo, hi) for s, lo, hi in slices for k in (0, 1)])
         indptr = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(lengths, out=indptr[1:])
-        # Native dtypes (uint16 genes, uint8/uint16 counts) are kept: a cast here would cost a pass per block.
-        indices = np.concatenate(parts[0::2])
-        data = np.concatenate(parts[1::2])
+        if all(isinstance(self._arrays[s][0], ShardedArray) for s, _, _ in slices):
+            indices, data = (self._read_direct(slices, k, int(indptr[-1])) for k in (0, 1))
+        else:
+            parts = _gather([(self._arrays[s][k], lo, hi) for s, lo, hi in slices for k in (0, 1)])
+            # Native dtypes (uint16 genes, uint8/uint16 counts) are kept: a cast would cost a pass per block.
+            indices = np.concatenate(parts[0::2])
+            data = np.concatenate(parts[1::2])
         return CSRBlock(indptr, indices, data, lognorm_flags(self._kinds, rows), self.num_genes)
+
+    def _read_direct(self, slices: list[tuple[int, int, int]], k: int, total: int) -> np.ndarray:
+        """Array k (0 indices, 1 data) over the element slices, decoded into one array (dtypes promoted)."""
+        arrays = [self._arrays[s][k] for s, _, _ in slices]
+        out = np.empty(total, dtype=np.result_type(*{a.dtype for a in arrays}))
+        at = 0
+        for a, (_, lo, hi) in zip(arrays, slices, strict=True):
+            dst = out[at : at + hi - lo]
+            if a.dtype == out.dtype:
+                a.read_into(lo, hi, dst)
+            else:  # shards of different value dtypes (uint8 and uint16 counts, say) in one block
+                tmp = np.empty(hi - lo, dtype=a.dtype)
+                a.read_into(lo, hi, tmp)
+                dst[:] = tmp
+            at += hi - lo
+        return out
 
     def obs_values(self, column: str) -> np.ndarray:
         if column not in self.index.obs_columns:
