@@ -65,32 +65,31 @@ def finetune_config(path: str) -> object:
     return load_config(FinetuneConfig, path)
 
 
-def non_test_cells(path: Path, seed: int, cfg: object) -> np.ndarray:
-    """Rows of `path` outside `sclabel evaluate`'s test split for `seed` (the same function computes both)."""
-    from sclabel_dist.annotate.h5ad import read_h5ad, read_labels
+def non_test_cells(inp, seed: int, cfg: object) -> np.ndarray:
+    """Rows of `inp` (an H5adInput) outside `sclabel evaluate`'s test split for `seed` (the same function
+    computes both)."""
+    from sclabel_dist.annotate.h5ad import read_labels
     from sclabel_dist.finetune import make_split
 
-    inp = read_h5ad(path)
     cfg.train.seed = seed
     split = make_split(read_labels(inp, LABEL_KEY), inp, cfg, None)
     keep = np.ones(inp.X.shape[0], dtype=bool)
     keep[split.test] = False
-    if path.stem == TRANSFER_SET:
+    if inp.path.stem == TRANSFER_SET:
         keep &= inp.obs["batch"].astype(str).to_numpy() != TRANSFER_TEST_BATCH
     return np.flatnonzero(keep)
 
 
 def write_pretrain_inputs(data: Path, out: Path, seed: int, cfg: object) -> dict[str, int]:
     """The seed's pretraining .h5ad files (labels dropped); cells per set."""
-    import anndata
+    from sclabel_dist.annotate.h5ad import read_h5ad
 
     out.mkdir(parents=True, exist_ok=True)
     cells = {}
     for name in LABELLED + UNLABELLED:
-        src = data / f"{name}.h5ad"
-        adata = anndata.read_h5ad(src)
-        rows = non_test_cells(src, seed, cfg) if name in LABELLED else np.arange(adata.n_obs)
-        sub = adata[rows].copy()
+        inp = read_h5ad(data / f"{name}.h5ad")
+        rows = non_test_cells(inp, seed, cfg) if name in LABELLED else np.arange(inp.X.shape[0])
+        sub = inp.adata[rows].copy()
         sub.obs = sub.obs.drop(columns=[LABEL_KEY], errors="ignore")
         sub.write_h5ad(out / f"{name}.h5ad")
         cells[name] = len(rows)
