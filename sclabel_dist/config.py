@@ -63,6 +63,10 @@ class TokenizeConfig:
     pad_to_max_len: bool = doc(
         False, "pad every batch to max_len (static shapes) instead of its longest cell"
     )
+    gene_bag: bool = doc(
+        True,
+        "add a value-weighted sum of the embeddings of ALL the cell's genes (beyond max_len too) to CLS",
+    )
 
 
 @dataclass
@@ -76,6 +80,9 @@ class ModelConfig:
     mlp_ratio: float = doc(4.0, "MLP hidden width / dim")
     dropout: float = doc(0.0, "dropout in attention output and MLP")
     activation_checkpointing: bool = doc(False, "recompute block activations in backward to save memory")
+    mvc: bool = doc(
+        False, "also predict each masked value from the cell embedding alone (scGPT's MVC objective)"
+    )
 
 
 @dataclass
@@ -276,6 +283,7 @@ class FinetuneTrainConfig:
     warmup_fraction: float = doc(0.05, "linear warmup as a fraction of all steps, then cosine decay")
     grad_clip: float = doc(1.0, "gradient norm clip (0 = off)")
     label_smoothing: float = doc(0.0, "label smoothing of the cross-entropy")
+    dropout: float = doc(0.0, "dropout in the encoder while fine-tuning (whatever pretraining used)")
     patience: int = doc(4, "stop after this many epochs without a better validation macro-F1")
     min_epochs: int = doc(6, "never stop early before this many epochs (a fresh head needs a start)")
     eval_batch_size: int = doc(64, "cells per batch for validation, test and prediction")

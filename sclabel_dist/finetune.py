@@ -166,7 +166,7 @@ def fit(
 ) -> FitOutput:
     """Up-sample the training split, fine-tune with early stopping, and score the test split."""
     from sclabel_dist.annotate.classifier import build_classifier, set_trainable
-    from sclabel_dist.annotate.genes import restrict_genes, select_genes
+    from sclabel_dist.annotate.genes import classifier_input, select_genes
     from sclabel_dist.annotate.inference import run_model
     from sclabel_dist.annotate.report import classification_metrics
     from sclabel_dist.annotate.trainer import train_classifier
@@ -192,13 +192,15 @@ def fit(
         log(f"note: {note}")
     non_test = np.sort(np.concatenate([split.train, split.val]))
     genes = select_genes(prep.csr, non_test, prep.value_kind, cfg.data.genes, cfg.data.num_genes)
-    csr = restrict_genes(prep.csr, genes)
+    csr = classifier_input(prep.csr, prep.value_kind, genes)
     if genes is not None:
         log(
             f"genes: the classifier reads the {len(genes):,} most variable genes of the non-test cells "
             f"(median {np.median(np.diff(csr.indptr)):.0f} expressed per cell, max_len {prep.tok_cfg.max_len})"
         )
-    model = build_classifier(bundle.config["model_args"], bundle.state_dict, len(split.classes), t.seed)
+    model = build_classifier(
+        bundle.config["model_args"], bundle.state_dict, len(split.classes), t.seed, dropout=t.dropout
+    )
     encoder, head = set_trainable(model, t.train_mode)
     groups = [g for g in ({"params": encoder, "lr": t.lr}, {"params": head, "lr": t.head_lr}) if g["params"]]
     result = train_classifier(
@@ -210,7 +212,7 @@ def fit(
         train,
         split.val,
         prep.tok_cfg,
-        prep.value_kind,
+        "lognorm",
         t,
         writer=writer,
         log=log,
@@ -221,7 +223,7 @@ def fit(
             result.model,
             csr[split.test],
             prep.tok_cfg,
-            prep.value_kind,
+            "lognorm",
             batch_size=t.eval_batch_size,
             device=accelerator.device,
         )

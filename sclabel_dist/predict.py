@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from sclabel_dist.annotate.classifier import load_classifier, resolve_bundle_dir
-    from sclabel_dist.annotate.genes import genes_from_names, restrict_genes
+    from sclabel_dist.annotate.genes import classifier_input, genes_from_names
     from sclabel_dist.annotate.h5ad import read_h5ad
     from sclabel_dist.annotate.inference import run_model, tokenize_config
     from sclabel_dist.annotate.output import assign_labels, check_output, write_annotated
@@ -78,13 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     print(format_match_report(report))
     print(check_value_kind(inp.X, inp.value_kind, bundle.config["tokenize"], str(inp.path)))
     # the genes the classifier was fine-tuned on (None = all): anything else was never in its input
-    csr = restrict_genes(
-        csr, genes_from_names(bundle.vocab, bundle.config.get("input_genes"), str(bundle.path))
+    csr = classifier_input(
+        csr,
+        inp.value_kind,
+        genes_from_names(bundle.vocab, bundle.config.get("input_genes"), str(bundle.path)),
     )
     tok_cfg = tokenize_config(bundle.config["tokenize"])
-    embedding, prob = run_model(
-        model, csr, tok_cfg, inp.value_kind, batch_size=args.batch_size, device=device
-    )
+    embedding, prob = run_model(model, csr, tok_cfg, "lognorm", batch_size=args.batch_size, device=device)
     label, confidence, top_label = assign_labels(prob, classes, args.threshold)
     uns = {
         "model": str(bundle.path),

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             timer.cells += host_batch.num_cells
             timer.tokens += host_batch.num_tokens  # counted on the host for the same reason
             batch = host_batch.to(device, non_blocking=True)
-            out = engine(batch.gene_ids, batch.values, batch.attention_mask, batch.masked)
+            out = engine(batch.gene_ids, batch.values, batch.attention_mask, batch.masked, bag=batch.bag)
             loss, acc = mlm_loss(out, batch)
             engine.backward(loss)
             engine.step()
@@ -178,7 +178,7 @@ def validate(engine, val_data, num_batches: int, device: str) -> dict[str, float
                 break
             batch = batch.to(device)
             loss, acc = mlm_loss(
-                engine(batch.gene_ids, batch.values, batch.attention_mask, batch.masked), batch
+                engine(batch.gene_ids, batch.values, batch.attention_mask, batch.masked, bag=batch.bag), batch
             )
             total += torch.stack([loss.float(), acc.float()])
             n += 1

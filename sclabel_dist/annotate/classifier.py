@@ -10,9 +10,9 @@ import torch
 from sclabel_dist.errors import SclabelError
 
 HEAD_PREFIX = "cls_head."
-# Not on the classification path (MLM head, masked-value vector): never trained here, and DDP requires
+# Not on the classification path (MLM and MVC heads, masked-value vector): never trained here, and DDP requires
 # every trainable parameter to get a gradient.
-UNUSED = ("mlm_head.", "mask_embed")
+UNUSED = ("mlm_head.", "mask_embed", "mvc_query.", "mvc_head.")
 
 
 def parse_train_mode(mode: str, depth: int) -> int:
@@ -28,16 +28,18 @@ def parse_train_mode(mode: str, depth: int) -> int:
 
 
 def build_classifier(
-    model_args: dict, state_dict: dict[str, torch.Tensor], num_classes: int, seed: int
+    model_args: dict, state_dict: dict[str, torch.Tensor], num_classes: int, seed: int, dropout: float = 0.0
 ) -> Any:
-    """ScLabelNet(num_classes) with the pretrained encoder weights; the head is new unless shapes match exactly.
+    """ScLabelNet(num_classes, dropout) with the pretrained encoder weights; the head is always new.
 
     A pretrained model's own head (from an earlier fine-tune) is dropped: its classes are not ours.
     """
     from sclabel_dist.model.args import ModelArgs
     from sclabel_dist.model.net import ScLabelNet
 
-    args = ModelArgs.from_dict({**model_args, "num_classes": num_classes})
+    if not 0.0 <= dropout < 1.0:
+        raise SclabelError(f"train.dropout {dropout}: must be in [0, 1)")
+    args = ModelArgs.from_dict({**model_args, "num_classes": num_classes, "dropout": dropout})
     torch.manual_seed(seed)  # the new head's init is part of the run's seed
     model = ScLabelNet(args)
     encoder = {k: v for k, v in state_dict.items() if not k.startswith(HEAD_PREFIX)}

@@ -49,6 +49,17 @@ def restrict_genes(csr: sp.csr_matrix, genes: np.ndarray | None) -> sp.csr_matri
     return out
 
 
+def classifier_input(csr: sp.csr_matrix, value_kind: str, genes: np.ndarray | None) -> sp.csr_matrix:
+    """What the classifier tokenises: log1p CP10k over all the matched genes, then only `genes` kept.
+
+    Normalising before the restriction keeps a cell's depth from all its genes, as in pretraining (the gene
+    bag weights and the continuous encoding read these values as they are; per-cell bins are unchanged).
+    """
+    from sclabel_dist.annotate.baseline import lognormalise
+
+    return restrict_genes(lognormalise(csr, value_kind).astype(np.float32), genes)
+
+
 def gene_names(vocab: Any, genes: np.ndarray | None) -> list[str] | None:
     """The bundle's record of the chosen genes: vocabulary names, None for all genes."""
     return None if genes is None else [vocab.genes[i] for i in genes]

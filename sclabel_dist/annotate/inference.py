@@ -13,7 +13,8 @@ def tokenize_config(raw: dict) -> Any:
     """The bundle's tokenisation settings as a TokenizeConfig (strict: unknown keys are an error)."""
     from sclabel_dist.config import TokenizeConfig, from_dict
 
-    return from_dict(TokenizeConfig, raw, where="bundle config.json tokenize")
+    # a bundle from before the gene bag existed has no such key, and its model reads no bag
+    return from_dict(TokenizeConfig, {"gene_bag": False, **raw}, where="bundle config.json tokenize")
 
 
 @torch.no_grad()
@@ -43,7 +44,7 @@ def run_model(
     for start in range(0, n, max(1, batch_size)):
         rows = order[start : start + batch_size]
         batch = tokenize_csr(csr[rows], tok_cfg, value_kind=value_kind, train=False, mask=False).to(device)
-        out = model(batch.gene_ids, batch.values, batch.attention_mask)
+        out = model(batch.gene_ids, batch.values, batch.attention_mask, bag=batch.bag)
         embeddings.append(out.cell_embedding.float().cpu().numpy())
         if out.logits is not None:
             probs.append(torch.softmax(out.logits.float(), dim=-1).cpu().numpy())

@@ -97,7 +97,7 @@ def train_classifier(
     raw_model = model
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    best_f1, best_epoch, best_state, best_val, bad = -1.0, -1, None, {}, 0
+    best_score, best_epoch, best_state, best_val, bad = (-1.0, 0.0), -1, None, {}, 0
     history, step, t0 = [], 0, time.perf_counter()
     for epoch in range(cfg.epochs):
         model.train()
@@ -119,7 +119,7 @@ def train_classifier(
             ).to(accelerator.device)
             for group in optimizer.param_groups:
                 group["lr"] = group["peak_lr"] * lr_factor(step, total, warmup)
-            out = model(batch.gene_ids, batch.values, batch.attention_mask)
+            out = model(batch.gene_ids, batch.values, batch.attention_mask, bag=batch.bag)
             loss = F.cross_entropy(out.logits.float(), batch.labels, label_smoothing=cfg.label_smoothing)
             accelerator.backward(loss)
             if cfg.grad_clip > 0:
@@ -151,7 +151,10 @@ def train_classifier(
             record["val_accuracy"] = float((pred == y[val]).mean())
             record["val_macro_f1"] = float(f1_score(y[val], pred, average="macro", zero_division=0))
             record["val_loss"] = float(-np.log(np.maximum(prob[np.arange(len(val)), y[val]], 1e-12)).mean())
-        score = record.get("val_macro_f1", float(epoch))  # no validation split: the last epoch wins
+        # Macro-F1 first; on a tie (common: a small validation split's F1 moves in coarse steps) the lower
+        # validation loss wins, so training that keeps sharpening the same decisions is not thrown away.
+        # No validation split: the last epoch wins.
+        score = (record["val_macro_f1"], -record["val_loss"]) if len(val) else (float(epoch), 0.0)
         history.append(record)
         if writer is not None:
             for key, value in record.items():
@@ -159,15 +162,16 @@ def train_classifier(
                     writer.add_scalar(f"finetune/{key}", value, epoch)
             writer.add_scalar("finetune/lr", optimizer.param_groups[0]["lr"], epoch)
         log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-        if score > best_f1:
-            best_f1, best_epoch, bad = score, epoch, 0
+        if score > best_score:
+            best_score, best_epoch, bad = score, epoch, 0
             best_val = {k: v for k, v in record.items() if k.startswith("val_")}
             best_state = {k: v.detach().clone() for k, v in raw_model.state_dict().items()}
         else:
             bad += 1
             if bad >= cfg.patience and epoch + 1 >= cfg.min_epochs:
                 log(
-                    f"early stop: no better validation macro-F1 for {cfg.patience} epochs (best epoch {best_epoch})"
+                    f"early stop: no better validation macro-F1 (or equal with lower loss) for {cfg.patience} epochs "
+                    f"(best epoch {best_epoch})"
                 )
                 break
     raw_model.load_state_dict(best_state)

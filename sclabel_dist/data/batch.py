@@ -19,6 +19,9 @@ class CellBatch:
     masked:         bool, True where the value was masked for the MLM objective (never CLS or pad).
     targets:        same dtype as values: the true value at every real position; the loss reads masked ones.
     labels:         int64 [B], class index for fine-tuning, or None.
+    bag_ids, bag_offsets, bag_weights: the gene bag (tokenize.gene_bag), else None: every expressed gene of
+                    every cell as flat token ids [N] with each cell's start [B] and its log1p-per-10k value
+                    [N] (0 for genes whose value is masked), the input of torch's embedding_bag.
     """
 
     gene_ids: torch.Tensor
@@ -27,6 +30,9 @@ class CellBatch:
     masked: torch.Tensor
     targets: torch.Tensor
     labels: torch.Tensor | None = None
+    bag_ids: torch.Tensor | None = None
+    bag_offsets: torch.Tensor | None = None
+    bag_weights: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> CellBatch:
         moved = {
@@ -44,6 +50,13 @@ class CellBatch:
                 for v in [getattr(self, f.name)]
             }
         )
+
+    @property
+    def bag(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(ids, offsets, weights) for the model's `bag` argument, or None without a gene bag."""
+        if self.bag_ids is None:
+            return None
+        return self.bag_ids, self.bag_offsets, self.bag_weights
 
     @property
     def num_cells(self) -> int:

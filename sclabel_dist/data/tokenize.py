@@ -210,6 +210,7 @@ def tokenize_block(
     else:
         arrays = _numpy_arrays(indptr, indices, data, lognorm, cfg, how, mask, rng)
     gene_ids, inputs, attention, masked, targets = arrays
+    bag = gene_bag_arrays(indptr, indices, data, lognorm, gene_ids, masked) if cfg.gene_bag else (None,) * 3
     return CellBatch(
         gene_ids=torch.from_numpy(gene_ids),
         values=torch.from_numpy(inputs),
@@ -217,7 +218,41 @@ def tokenize_block(
         masked=torch.from_numpy(masked),
         targets=torch.from_numpy(targets),
         labels=None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.int64),
+        bag_ids=None if bag[0] is None else torch.from_numpy(bag[0]),
+        bag_offsets=None if bag[1] is None else torch.from_numpy(bag[1]),
+        bag_weights=None if bag[2] is None else torch.from_numpy(bag[2]),
     )
+
+
+def gene_bag_arrays(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
+    lognorm: np.ndarray,
+    gene_ids: np.ndarray,
+    masked: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(token ids, row offsets, weights) of every non-zero gene of the block, for the model's gene bag.
+
+    The weights are the continuous values (log1p per 10k over all of the cell's counts) whatever the token
+    encoding, so the bag carries absolute levels that per-cell bins drop. A gene whose token value is masked
+    gets weight 0: the bag must not leak what the MLM objective asks the model to predict.
+    """
+    total = int(indptr[-1])
+    ids = indices[:total].astype(np.int64) + NUM_SPECIAL
+    weights = continuous_values(indptr, data[:total], lognorm)
+    if masked.any():
+        # (row, token id) pairs packed in one int64: row < 2**31, token ids < 2**32.
+        rows, cols = np.nonzero(masked)
+        hidden = (rows.astype(np.int64) << 32) | gene_ids[rows, cols]
+        row = np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr))
+        keys = (row << 32) | ids
+        if len(keys) < 2 or bool((keys[1:] > keys[:-1]).all()):
+            # canonical CSR (sorted genes in each row, as stores hold them): a binary search per masked gene
+            weights[np.searchsorted(keys, hidden)] = 0.0
+        else:
+            weights[np.isin(keys, hidden)] = 0.0
+    return ids, np.asarray(indptr[:-1], dtype=np.int64), weights
 
 
 def default_backend() -> str:

@@ -33,6 +33,9 @@ class ModelArgs:
     max_len: int = 512
     num_classes: int = 0
     activation_checkpointing: bool = False
+    # False in bundles written before the gene bag existed (their args have no such key)
+    gene_bag: bool = False
+    mvc: bool = False
 
     def __post_init__(self) -> None:
         if self.value_encoding not in ("binned", "continuous"):
@@ -82,6 +85,8 @@ def build_model_args(model_cfg: Any, tokenize_cfg: Any, vocab_size: int, num_cla
         max_len=tokenize_cfg.max_len,
         num_classes=num_classes,
         activation_checkpointing=model_cfg.activation_checkpointing,
+        gene_bag=tokenize_cfg.gene_bag,
+        mvc=model_cfg.mvc,
     )
 
 
@@ -97,6 +102,10 @@ def count_params(args: ModelArgs, embeddings: bool = True) -> int:
     if embeddings:
         value = (args.num_bins + 1) * d if args.value_encoding == "binned" else (d + d) + (d * d + d)
         out += args.vocab_size * d + value + d  # gene, value, mask embeddings
+    if args.gene_bag:
+        out += 2 * d  # the bag's LayerNorm
+    if args.mvc:
+        out += (d * d + d) + (d * out_dim + out_dim)  # MVC gene query and value head
     return out
 
 

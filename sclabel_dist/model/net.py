@@ -1,4 +1,4 @@
-"""ScLabelNet: gene + value embeddings, pre-LN transformer encoder (SDPA), CLS cell embedding, MLM and class heads."""
+"""ScLabelNet: gene + value embeddings, a gene bag into CLS, pre-LN transformer encoder (SDPA), MLM and class heads."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from sclabel_dist.model.args import ModelArgs
 
 class ModelOutput(NamedTuple):
     """cell_embedding [B, D] (final-norm CLS output); mlm [B, L, num_bins] logits (binned) or [B, L] values
-    (continuous); logits [B, num_classes] with a classification head, else None; hidden [B, L, D] token states.
+    (continuous); logits [B, num_classes] with a classification head, else None; hidden [B, L, D] token states;
+    mvc: like mlm but predicted from the cell embedding and each gene's identity alone (None without MVC).
 
     A NamedTuple rather than a dataclass so that DeepSpeed ZeRO-3 can find the tensors in it for its hooks.
     """
@@ -23,6 +24,7 @@ class ModelOutput(NamedTuple):
     mlm: torch.Tensor
     logits: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
+    mvc: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -68,6 +70,26 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
+class GeneEmbedding(nn.Embedding):
+    """The gene-embedding table; also sums it over a cell's whole gene bag in the same call.
+
+    One module call does both so that DeepSpeed ZeRO-3, which gathers a module's partitioned weight around
+    that module's forward, has the table present for the bag too (the weight keeps the name gene_embed.weight).
+    """
+
+    def forward(
+        self, gene_ids: torch.Tensor, bag: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tokens = super().forward(gene_ids)
+        if bag is None:
+            return tokens, None
+        ids, offsets, weights = bag
+        summed = F.embedding_bag(
+            ids, self.weight, offsets, mode="sum", per_sample_weights=weights.to(self.weight.dtype)
+        )
+        return tokens, summed
+
+
 class ScLabelNet(nn.Module):
     """The ScLabel-Net encoder; weight names are plain module paths (no DeepSpeed / DDP prefixes)."""
 
@@ -75,7 +97,7 @@ class ScLabelNet(nn.Module):
         super().__init__()
         self.args = args
         d = args.dim
-        self.gene_embed = nn.Embedding(args.vocab_size, d)
+        self.gene_embed = GeneEmbedding(args.vocab_size, d)
         if args.value_encoding == "binned":
             # id 0 = pad / CLS / masked input, 1..num_bins = expression bins
             self.value_embed: nn.Module = nn.Embedding(args.num_bins + 1, d)
@@ -83,10 +105,18 @@ class ScLabelNet(nn.Module):
             self.value_embed = nn.Sequential(nn.Linear(1, d), nn.GELU(), nn.Linear(d, d))
         # learned "value unknown" vector used in place of the value embedding where the MLM masked it
         self.mask_embed = nn.Parameter(torch.zeros(d))
+        # The gene bag: sum over ALL the cell's genes of log-value x gene embedding, normalised, added to the
+        # CLS input. The tokens hold only max_len genes (a third of a PBMC's variable genes at 128); the
+        # bag lets the cell embedding read the rest, and their absolute levels, for the cost of a lookup.
+        self.bag_norm = nn.LayerNorm(d) if args.gene_bag else None
         self.blocks = nn.ModuleList(Block(args) for _ in range(args.depth))
         self.norm = nn.LayerNorm(d)
         out_dim = args.num_bins if args.value_encoding == "binned" else 1
         self.mlm_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d), nn.Linear(d, out_dim))
+        # MVC (scGPT): each token's value predicted from the cell embedding gated by its gene's embedding, so
+        # pretraining shapes the very vector the classifier later reads.
+        self.mvc_query = nn.Linear(d, d) if args.mvc else None
+        self.mvc_head = nn.Linear(d, out_dim) if args.mvc else None
         self.cls_head = nn.Linear(d, args.num_classes) if args.num_classes else None
         self.apply(_init_weights)
         nn.init.normal_(self.mask_embed, std=0.02)
@@ -96,16 +126,26 @@ class ScLabelNet(nn.Module):
                 nn.init.normal_(p, std=0.02 / (2 * args.depth) ** 0.5)
 
     def embed(
-        self, gene_ids: torch.Tensor, values: torch.Tensor, masked: torch.Tensor | None
-    ) -> torch.Tensor:
-        x = self.gene_embed(gene_ids)
+        self,
+        gene_ids: torch.Tensor,
+        values: torch.Tensor,
+        masked: torch.Tensor | None,
+        bag: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token inputs [B, L, D], the bare gene embeddings [B, L, D] that MVC queries with)."""
+        if self.bag_norm is not None and bag is None:
+            raise ValueError("this model reads a gene bag: tokenise with tokenize.gene_bag=true")
+        genes, summed = self.gene_embed(gene_ids, bag if self.bag_norm is not None else None)
         if self.args.value_encoding == "binned":
             v = self.value_embed(values.long())
         else:
-            v = self.value_embed(values.to(x.dtype).unsqueeze(-1))
+            v = self.value_embed(values.to(genes.dtype).unsqueeze(-1))
         if masked is not None:
             v = torch.where(masked.unsqueeze(-1), self.mask_embed.to(v.dtype), v)
-        return x + v
+        x = genes + v
+        if summed is not None:
+            x = torch.cat([x[:, :1] + self.bag_norm(summed.to(x.dtype)).unsqueeze(1), x[:, 1:]], dim=1)
+        return x, genes
 
     def forward(
         self,
@@ -113,9 +153,11 @@ class ScLabelNet(nn.Module):
         values: torch.Tensor,
         attention_mask: torch.Tensor,
         masked: torch.Tensor | None = None,
+        bag: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> ModelOutput:
-        """gene_ids / values / attention_mask / masked as in CellBatch ([B, L]); masked=None at inference."""
-        x = self.embed(gene_ids, values, masked)
+        """gene_ids / values / attention_mask / masked as in CellBatch ([B, L]); masked=None at inference;
+        bag = CellBatch.bag (required when the model was built with gene_bag, ignored otherwise)."""
+        x, genes = self.embed(gene_ids, values, masked, bag)
         key_mask = attention_mask[:, None, None, :].bool()
         for block in self.blocks:
             if self.args.activation_checkpointing and self.training:
@@ -128,7 +170,12 @@ class ScLabelNet(nn.Module):
             mlm = mlm.squeeze(-1)
         cell = x[:, 0]
         logits = self.cls_head(cell) if self.cls_head is not None else None
-        return ModelOutput(cell_embedding=cell, mlm=mlm, logits=logits, hidden=x)
+        mvc = None
+        if self.mvc_head is not None and masked is not None:  # a pretraining objective only
+            mvc = self.mvc_head(F.gelu(self.mvc_query(genes)) * cell.unsqueeze(1))
+            if self.args.value_encoding == "continuous":
+                mvc = mvc.squeeze(-1)
+        return ModelOutput(cell_embedding=cell, mlm=mlm, logits=logits, hidden=x, mvc=mvc)
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -144,13 +191,21 @@ def mlm_loss(output: ModelOutput, batch) -> tuple[torch.Tensor, torch.Tensor]:
 
     Binned: cross-entropy over bins 1..num_bins, accuracy = exact bin. Continuous: MSE, accuracy = fraction of
     predictions within 0.5 of the true log-value. A batch with no masked token gives a zero loss that still
-    touches every MLM parameter, so all ranks run the same backward (no collective mismatch).
+    touches every MLM parameter, so all ranks run the same backward (no collective mismatch). With MVC the
+    loss is the sum of both objectives (equal weights, as scGPT); the accuracy stays the MLM head's.
     """
+    loss, acc = _masked_value_loss(output.mlm, batch)
+    if output.mvc is not None:
+        loss = loss + _masked_value_loss(output.mvc, batch)[0]
+    return loss, acc
+
+
+def _masked_value_loss(prediction: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
     sel = batch.masked
-    pred = output.mlm[sel]
+    pred = prediction[sel]
     target = batch.targets[sel]
     if pred.numel() == 0:
-        zero = output.mlm.sum() * 0.0
+        zero = prediction.sum() * 0.0
         return zero, zero.detach()
     if pred.dim() == 2:  # binned logits [N, num_bins]; targets are bin ids 1..num_bins
         tgt = target.long() - 1

@@ -166,3 +166,49 @@ def test_labels_and_config_errors():
         tokenize_csr(csr([[1, 0]]), cfg(), value_kind="tpm", train=False, mask=False)
     with pytest.raises(SclabelError):
         tokenize_csr(csr([[-1, 0]]), cfg(), value_kind="counts", train=False, mask=False)
+
+
+def test_gene_bag_holds_every_gene_with_lognorm_weights_and_hides_masked_ones():
+    counts = np.array([[5, 1, 0, 3, 2, 4, 0, 6], [0, 0, 2, 0, 0, 0, 0, 0]], dtype=np.float32)
+    m = csr(counts.tolist())
+    b = tokenize_csr(
+        m, cfg(max_len=3), value_kind="counts", train=True, mask=False, rng=np.random.default_rng(0)
+    )
+    assert b.gene_ids.shape[1] == 3  # two genes per cell in the tokens ...
+    ids, offsets, weights = b.bag
+    assert offsets.tolist() == [0, 6]  # ... but all six (and one) in the bag
+    assert ids.tolist() == [g + NUM_SPECIAL for g in (0, 1, 3, 4, 5, 7, 2)]
+    expected = np.log1p(counts[0][[0, 1, 3, 4, 5, 7]] / counts[0].sum() * 1e4)
+    np.testing.assert_allclose(weights[:6].numpy(), expected, rtol=1e-6)
+
+    masked = tokenize_csr(
+        m,
+        cfg(max_len=8, mask_ratio=0.5),
+        value_kind="counts",
+        train=True,
+        mask=True,
+        rng=np.random.default_rng(1),
+    )
+    ids, offsets, weights = masked.bag
+    hidden = {(0, int(g)) for g in masked.gene_ids[0][masked.masked[0]]}
+    assert hidden  # the test needs a masked gene
+    for j in range(6):
+        assert (weights[j] == 0) == ((0, int(ids[j])) in hidden)
+
+    off = tokenize_csr(m, cfg(gene_bag=False), value_kind="counts", train=False, mask=False)
+    assert off.bag is None and off.bag_ids is None
+
+
+def test_gene_bag_hides_masked_genes_in_rows_with_unsorted_genes_too():
+    from sclabel_dist.data.tokenize import gene_bag_arrays
+
+    indptr = np.array([0, 3, 5])
+    data = np.array([1.0, 2.0, 3.0, 4.0, 5.0], dtype=np.float32)
+    gene_ids = np.array(
+        [[CLS_ID, 5 + NUM_SPECIAL, 9 + NUM_SPECIAL], [CLS_ID, 1 + NUM_SPECIAL, 4 + NUM_SPECIAL]]
+    )
+    masked = np.array([[False, False, True], [False, True, False]])
+    for indices in (np.array([2, 5, 9, 1, 4]), np.array([9, 2, 5, 4, 1])):  # sorted rows, then unsorted
+        ids, offsets, weights = gene_bag_arrays(indptr, indices, data, np.zeros(2, bool), gene_ids, masked)
+        hidden = {int(ids[j]) - NUM_SPECIAL for j in range(5) if weights[j] == 0}
+        assert hidden == {9, 1} and offsets.tolist() == [0, 3]

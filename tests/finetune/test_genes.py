@@ -10,7 +10,7 @@ import scipy.sparse as sp
 from conftest import FAST, NUM_GENES
 from helpers import finetune_args, gene_names, make_counts, write_h5ad
 
-from sclabel_dist.annotate.genes import genes_from_names, restrict_genes, select_genes
+from sclabel_dist.annotate.genes import classifier_input, genes_from_names, restrict_genes, select_genes
 from sclabel_dist.cli import main
 from sclabel_dist.errors import SclabelError
 from sclabel_dist.vocab import GeneVocab
@@ -38,6 +38,17 @@ def test_restrict_keeps_shape_and_values_of_chosen_genes_only():
     np.testing.assert_array_equal(out.toarray(), [[1, 0, 3, 0], [0, 0, 6, 0]])
     assert out.nnz == 3  # dropped genes are gone, not stored zeros
     assert restrict_genes(X, None) is X
+
+
+def test_classifier_input_normalises_over_all_genes_before_keeping_the_chosen_ones():
+    X = sp.csr_matrix(np.array([[1, 3, 6, 0], [0, 2, 0, 8]], dtype=np.int32))
+    out = classifier_input(X, "counts", np.array([1, 2]))
+    assert out.shape == (2, 4) and out.dtype == np.float32
+    # depth from all four genes, not from the two kept ones
+    expected = np.log1p(np.array([[0, 3 / 10, 6 / 10, 0], [0, 2 / 10, 0, 0]]) * 1e4)
+    np.testing.assert_allclose(out.toarray(), expected, rtol=1e-6)
+    logged = sp.csr_matrix(np.array([[0.5, 1.5, 0, 2.0]], dtype=np.float32))
+    np.testing.assert_allclose(classifier_input(logged, "lognorm", None).toarray(), logged.toarray())
 
 
 def test_gene_names_round_trip_and_unknown_names_are_refused():

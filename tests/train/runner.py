@@ -21,7 +21,17 @@ def probe_batch(vocab_size: int, num_bins: int, continuous: bool = False):
     vals = vals.float() if continuous else vals
     am = torch.arange(n)[None] < torch.tensor([[n], [n // 2], [5]])
     ids[:, 0], vals[:, 0] = 1, 0
-    return ids.masked_fill(~am, 0), vals.masked_fill(~am, 0), am
+    # the gene bag: each cell's token genes plus 8 genes beyond its tokens, with positive log-values
+    lengths = am.sum(1) - 1
+    bag_ids = torch.cat(
+        [
+            torch.cat([ids[i, 1 : 1 + lengths[i]], torch.randint(2, vocab_size, (8,), generator=g)])
+            for i in range(3)
+        ]
+    )
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths + 8, 0)[:-1]])
+    weights = torch.rand(len(bag_ids), generator=g) * 3
+    return ids.masked_fill(~am, 0), vals.masked_fill(~am, 0), am, (bag_ids, offsets, weights)
 
 
 def install_probe(path: str) -> None:
@@ -36,12 +46,12 @@ def install_probe(path: str) -> None:
         out = original(engine, root, step, state, vocab, rank, keep)
         if step == state["config"]["train"]["max_steps"]:
             args = state["model_args"]
-            ids, vals, am = probe_batch(
+            ids, vals, am, bag = probe_batch(
                 args["vocab_size"], args["num_bins"], args["value_encoding"] == "continuous"
             )
             engine.eval()
             with torch.no_grad():  # every rank runs it: under ZeRO-3 the forward gathers shards collectively
-                res = engine(ids, vals, am)
+                res = engine(ids, vals, am, bag=bag)
             engine.train()
             if rank == 0:
                 save_file(

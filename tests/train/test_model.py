@@ -113,3 +113,48 @@ def test_args_json_round_trip_and_neutral_names():
     names = list(ScLabelNet(args).state_dict())
     assert not any(n.startswith(("module.", "_orig_mod.")) for n in names)
     assert "blocks.0.attn.qkv.weight" in names and "cls_head.weight" in names
+
+
+def test_gene_bag_reaches_the_cell_embedding_and_is_required():
+    torch.manual_seed(0)
+    model = ScLabelNet(make_args(gene_bag=True, num_classes=3)).eval()
+    assert sum(p.numel() for p in model.parameters()) == count_params(model.args)
+    ids, vals, am = cells([6, 4], 6)
+    bag_ids = torch.tensor([5, 9, 40, 41, 7])  # genes outside the tokens too
+    offsets = torch.tensor([0, 3])
+    weights = torch.tensor([1.0, 2.0, 0.5, 1.5, 3.0])
+    out = model(ids, vals, am, bag=(bag_ids, offsets, weights))
+    changed = weights.clone()
+    changed[2] = 2.5  # cell 0 only
+    out2 = model(ids, vals, am, bag=(bag_ids, offsets, changed))
+    assert not torch.allclose(out.cell_embedding[0], out2.cell_embedding[0])
+    torch.testing.assert_close(out.cell_embedding[1], out2.cell_embedding[1])
+    with pytest.raises(ValueError, match="gene bag"):
+        model(ids, vals, am)
+    # bundles written before the bag existed have no such key: they load without one and ignore a bag
+    old = ModelArgs.from_dict({k: v for k, v in make_args().to_dict().items() if k != "gene_bag"})
+    assert not old.gene_bag and ScLabelNet(old).bag_norm is None
+
+
+def test_mvc_predicts_masked_values_from_the_cell_embedding_in_pretraining_only():
+    torch.manual_seed(0)
+    model = ScLabelNet(make_args(mvc=True))
+    assert sum(p.numel() for p in model.parameters()) == count_params(model.args)
+    ids, vals, am = cells([8, 5], 8)
+    masked = torch.zeros_like(am)
+    masked[:, 2] = True
+
+    class B:  # the fields mlm_loss reads
+        pass
+
+    b = B()
+    b.masked, b.targets = masked, vals
+    out = model(ids, vals.masked_fill(masked, 0), am, masked)
+    assert out.mvc.shape == out.mlm.shape
+    with_mvc, _ = mlm_loss(out, b)
+    mlm_only, _ = mlm_loss(out._replace(mvc=None), b)
+    assert with_mvc > mlm_only  # both objectives count
+    # gradients reach the encoder through the cell embedding: the MVC head alone trains the CLS path
+    out.mvc[masked].sum().backward()
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert model(ids, vals, am).mvc is None  # inference: no masked positions, no MVC

@@ -51,7 +51,8 @@ def export_and_compare(ckpt_dir, out_dir, probe_file) -> None:
     bundle = load_bundle(out_dir)
     model = bundle.build_model()
     args = bundle.model_args
-    out = model(*probe_batch(args.vocab_size, args.num_bins))
+    ids, vals, am, bag = probe_batch(args.vocab_size, args.num_bins, args.value_encoding == "continuous")
+    out = model(ids, vals, am, bag=bag)
     live = load_file(str(probe_file))
     torch.testing.assert_close(out.cell_embedding, live["cell"], atol=1e-6, rtol=0)
     torch.testing.assert_close(out.mlm, live["mlm"], atol=1e-6, rtol=0)
