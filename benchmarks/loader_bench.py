@@ -117,7 +117,7 @@ def run_ours(store: Path, tokenized: bool, args: argparse.Namespace, vocab: str 
         read_threads=args.threads,
         read_ahead=args.read_ahead,
     )
-    tok = TokenizeConfig(max_len=1024)
+    tok = TokenizeConfig(max_len=1024, gene_bag=args.gene_bag)
     holder = {}
 
     def make():
@@ -185,6 +185,8 @@ def run_all(args: argparse.Namespace) -> None:
         cmd = [sys.executable, __file__, "one", method, "--cells", str(args.cells)]
         for k in ("chunk_size", "shuffle_chunks", "threads", "read_ahead", "warmup", "batches", "repeats"):
             cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+        if not args.gene_bag:
+            cmd.append("--no-gene-bag")
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             print(f"{method}: FAILED\n{res.stderr[-2000:]}", flush=True)
@@ -217,6 +219,12 @@ def main() -> None:
     ap.add_argument("--shuffle-chunks", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--read-ahead", type=int, default=2)
+    ap.add_argument(
+        "--no-gene-bag",
+        dest="gene_bag",
+        action="store_false",
+        help="tokenised: leave out the gene-bag arrays",
+    )
     ap.add_argument("--warmup", type=int, default=20)
     # 256 batches of 256 = 65,536 cells: one tiledbsoma-ml IO batch (its default io_batch_size), so each
     # repeat holds exactly one of its reads, as in its steady state, and 8 of our 8,192-cell windows.

@@ -210,7 +210,13 @@ def tokenize_block(
     else:
         arrays = _numpy_arrays(indptr, indices, data, lognorm, cfg, how, mask, rng)
     gene_ids, inputs, attention, masked, targets = arrays
-    bag = gene_bag_arrays(indptr, indices, data, lognorm, gene_ids, masked) if cfg.gene_bag else (None,) * 3
+    bag = (None,) * 3
+    if cfg.gene_bag:
+        if backend == "numba":
+            from sclabel_dist.data.kernels import numba_gene_bag as bag_arrays
+        else:
+            bag_arrays = gene_bag_arrays
+        bag = bag_arrays(indptr, indices, data, lognorm, gene_ids, masked)
     return CellBatch(
         gene_ids=torch.from_numpy(gene_ids),
         values=torch.from_numpy(inputs),
@@ -232,7 +238,8 @@ def gene_bag_arrays(
     gene_ids: np.ndarray,
     masked: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(token ids, row offsets, weights) of every non-zero gene of the block, for the model's gene bag.
+    """(token ids, row offsets, weights) of every non-zero gene of the block, for the model's gene bag
+    (the numpy reference; kernels.numba_gene_bag gives the same in one pass per cell).
 
     The weights are the continuous values (log1p per 10k over all of the cell's counts) whatever the token
     encoding, so the bag carries absolute levels that per-cell bins drop. A gene whose token value is masked

@@ -199,9 +199,11 @@ def test_gene_bag_holds_every_gene_with_lognorm_weights_and_hides_masked_ones():
     assert off.bag is None and off.bag_ids is None
 
 
-def test_gene_bag_hides_masked_genes_in_rows_with_unsorted_genes_too():
+def test_gene_bag_hides_masked_genes_in_rows_with_unsorted_genes_too(backend):
     from sclabel_dist.data.tokenize import gene_bag_arrays
 
+    if backend == "numba":
+        from sclabel_dist.data.kernels import numba_gene_bag as gene_bag_arrays
     indptr = np.array([0, 3, 5])
     data = np.array([1.0, 2.0, 3.0, 4.0, 5.0], dtype=np.float32)
     gene_ids = np.array(
@@ -212,3 +214,24 @@ def test_gene_bag_hides_masked_genes_in_rows_with_unsorted_genes_too():
         ids, offsets, weights = gene_bag_arrays(indptr, indices, data, np.zeros(2, bool), gene_ids, masked)
         hidden = {int(ids[j]) - NUM_SPECIAL for j in range(5) if weights[j] == 0}
         assert hidden == {9, 1} and offsets.tolist() == [0, 3]
+
+
+def test_gene_bag_kernel_matches_the_numpy_reference():
+    pytest.importorskip("numba")
+    from sclabel_dist.data.kernels import numba_gene_bag
+    from sclabel_dist.data.tokenize import gene_bag_arrays
+
+    rng = np.random.default_rng(3)
+    m = sp.random(
+        40, 300, density=0.2, random_state=4, format="csr", data_rvs=lambda n: rng.integers(1, 50, n)
+    )
+    m = m.astype(np.float32)
+    b = tokenize_csr(m, cfg(max_len=20, mask_ratio=0.3), value_kind="counts", train=True, mask=True, rng=rng)
+    lognorm = np.zeros(40, bool)
+    lognorm[::3] = True  # log-normalised rows are read as they are
+    args = (m.indptr.astype(np.int64), m.indices, m.data, lognorm, b.gene_ids.numpy(), b.masked.numpy())
+    ref, fast = gene_bag_arrays(*args), numba_gene_bag(*args)
+    np.testing.assert_array_equal(ref[0], fast[0])
+    np.testing.assert_array_equal(ref[1], fast[1])
+    np.testing.assert_allclose(ref[2], fast[2], rtol=1e-6)
+    assert (ref[2] == 0).sum() == b.masked.sum() > 0

@@ -48,9 +48,18 @@ def write_h5ad(
 
 
 def make_bundle(
-    out: Path, genes: list[str], *, max_len: int = 48, value_encoding: str = "binned", seed: int = 0
+    out: Path,
+    genes: list[str],
+    *,
+    max_len: int = 48,
+    value_encoding: str = "binned",
+    seed: int = 0,
+    gene_bag: bool | None = True,
 ) -> Path:
-    """A random-weight ScLabelNet bundle (tiny) written with the project's own save_bundle."""
+    """A random-weight ScLabelNet bundle (tiny) written with the project's own save_bundle.
+
+    gene_bag=None writes a bundle as they were before the gene bag existed: no such key anywhere.
+    """
     import torch
 
     from sclabel_dist.bundle import save_bundle
@@ -60,7 +69,7 @@ def make_bundle(
     from sclabel_dist.vocab import GeneVocab
 
     vocab = GeneVocab(genes)
-    tok = TokenizeConfig(max_len=max_len, value_encoding=value_encoding, num_bins=11)
+    tok = TokenizeConfig(max_len=max_len, value_encoding=value_encoding, num_bins=11, gene_bag=bool(gene_bag))
     args = ModelArgs(
         vocab_size=vocab.num_tokens,
         dim=32,
@@ -69,10 +78,14 @@ def make_bundle(
         value_encoding=value_encoding,
         num_bins=11,
         max_len=max_len,
+        gene_bag=bool(gene_bag),
     )
     torch.manual_seed(seed)
     model = ScLabelNet(args)
     config = {"model_args": args.to_dict(), "tokenize": to_dict(tok)}
+    if gene_bag is None:
+        for section in config.values():
+            del section["gene_bag"]
     return save_bundle(out, model.state_dict(), config, vocab, "# tiny random test bundle\n")
 
 

@@ -263,3 +263,16 @@ def test_user_split_column(tiny_dir, tiny_bundle):
     )
     split = json.loads((out / "metrics.json").read_text())["split"]
     assert split["num_test"] == int((parts == "test").sum()) and split["num_val"] > 0
+
+
+def test_a_bundle_from_before_the_gene_bag_still_finetunes_and_predicts(tiny_dir, tiny_h5ad):
+    from conftest import NUM_GENES
+
+    legacy = make_bundle(tiny_dir / "legacy_bundle", gene_names(NUM_GENES), gene_bag=None)
+    assert "gene_bag" not in json.loads((legacy / "config.json").read_text())["tokenize"]
+    out = tiny_dir / "run_legacy"
+    assert main(finetune_args(legacy, tiny_h5ad, out, *FAST)) == 0
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["tokenize"]["gene_bag"] is False and config["model_args"]["gene_bag"] is False
+    dest = tiny_dir / "legacy_annotated.h5ad"
+    assert main(["predict", "--model", str(out), "--data", str(tiny_h5ad), "--out", str(dest)]) == 0
