@@ -253,12 +253,7 @@ def gene_bag_arrays(
         rows, cols = np.nonzero(masked)
         hidden = (rows.astype(np.int64) << 32) | gene_ids[rows, cols]
         row = np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr))
-        keys = (row << 32) | ids
-        if len(keys) < 2 or bool((keys[1:] > keys[:-1]).all()):
-            # canonical CSR (sorted genes in each row, as stores hold them): a binary search per masked gene
-            weights[np.searchsorted(keys, hidden)] = 0.0
-        else:
-            weights[np.isin(keys, hidden)] = 0.0
+        weights[np.isin((row << 32) | ids, hidden)] = 0.0
     return ids, np.asarray(indptr[:-1], dtype=np.int64), weights
 
 
