@@ -210,13 +210,17 @@ def tokenize_block(
     else:
         arrays = _numpy_arrays(indptr, indices, data, lognorm, cfg, how, mask, rng)
     gene_ids, inputs, attention, masked, targets = arrays
-    bag = (None,) * 3
+    bag = {}
     if cfg.gene_bag:
         if backend == "numba":
             from sclabel_dist.data.kernels import numba_gene_bag as bag_arrays
         else:
             bag_arrays = gene_bag_arrays
-        bag = bag_arrays(indptr, indices, data, lognorm, gene_ids, masked)
+        arrays = bag_arrays(indptr, indices, data, lognorm, gene_ids, masked)
+        bag = {
+            k: torch.from_numpy(a)
+            for k, a in zip(("bag_ids", "bag_offsets", "bag_weights"), arrays, strict=True)
+        }
     return CellBatch(
         gene_ids=torch.from_numpy(gene_ids),
         values=torch.from_numpy(inputs),
@@ -224,9 +228,7 @@ def tokenize_block(
         masked=torch.from_numpy(masked),
         targets=torch.from_numpy(targets),
         labels=None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.int64),
-        bag_ids=None if bag[0] is None else torch.from_numpy(bag[0]),
-        bag_offsets=None if bag[1] is None else torch.from_numpy(bag[1]),
-        bag_weights=None if bag[2] is None else torch.from_numpy(bag[2]),
+        **bag,
     )
 
 
