@@ -286,6 +286,11 @@ class FinetuneTrainConfig:
     dropout: float = doc(0.0, "dropout in the encoder while fine-tuning (whatever pretraining used)")
     patience: int = doc(4, "stop after this many epochs without a better validation macro-F1")
     min_epochs: int = doc(6, "never stop early before this many epochs (a fresh head needs a start)")
+    refit: bool = doc(
+        True,
+        "after validation has chosen the epoch count, train again from the bundle on train + validation "
+        "cells for that many epochs and keep that model",
+    )
     eval_batch_size: int = doc(64, "cells per batch for validation, test and prediction")
 
 

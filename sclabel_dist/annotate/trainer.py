@@ -65,9 +65,13 @@ def train_classifier(
     cfg: Any,
     *,
     writer: Any = None,
+    tag: str = "finetune",
     log: Callable[[str], None] = print,
 ) -> TrainResult:
-    """Fine-tune `model` on rows `train` of `csr` (labels `y`), early-stopping on macro-F1 over rows `val`."""
+    """Fine-tune `model` on rows `train` of `csr` (labels `y`), early-stopping on macro-F1 over rows `val`.
+
+    With no validation rows the last epoch's model is kept. TensorBoard curves go under `tag/`.
+    """
     from sklearn.metrics import f1_score
 
     from sclabel_dist.annotate.inference import run_model
@@ -159,8 +163,8 @@ def train_classifier(
         if writer is not None:
             for key, value in record.items():
                 if key not in ("epoch", "step"):
-                    writer.add_scalar(f"finetune/{key}", value, epoch)
-            writer.add_scalar("finetune/lr", optimizer.param_groups[0]["lr"], epoch)
+                    writer.add_scalar(f"{tag}/{key}", value, epoch)
+            writer.add_scalar(f"{tag}/lr", optimizer.param_groups[0]["lr"], epoch)
         log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         if score > best_score:
             best_score, best_epoch, bad = score, epoch, 0

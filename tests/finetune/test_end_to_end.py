@@ -276,3 +276,26 @@ def test_a_bundle_from_before_the_gene_bag_still_finetunes_and_predicts(tiny_dir
     assert config["tokenize"]["gene_bag"] is False and config["model_args"]["gene_bag"] is False
     dest = tiny_dir / "legacy_annotated.h5ad"
     assert main(["predict", "--model", str(out), "--data", str(tiny_h5ad), "--out", str(dest)]) == 0
+
+
+def test_refit_retrains_on_train_and_validation_for_the_chosen_epoch_count(
+    tiny_dir, tiny_h5ad, tiny_bundle, finetuned
+):
+    from sclabel_dist.bundle import load_bundle
+
+    refit = json.loads((finetuned / "metrics.json").read_text())
+    split = refit["split"]
+    selection = [h for h in refit["history"] if not h.get("refit")]
+    again = [h for h in refit["history"] if h.get("refit")]
+    assert "val_macro_f1" in selection[0] and len(again) == refit["best_epoch"] + 1
+    assert not any("val_macro_f1" in h for h in again)  # validation cells are training cells now
+    assert refit["upsample"]["train_cells"] == split["num_train"] + split["num_val"]
+
+    out = tiny_dir / "run_no_refit"
+    assert main(finetune_args(str(tiny_bundle), str(tiny_h5ad), str(out), *FAST, "--train.refit=false")) == 0
+    plain = json.loads((out / "metrics.json").read_text())
+    assert not any(h.get("refit") for h in plain["history"])
+    assert plain["upsample"]["train_cells"] == split["num_train"]
+    assert plain["best_epoch"] == refit["best_epoch"]  # the same selection run, then a different model kept
+    kept, selected = load_bundle(finetuned / "model").state_dict, load_bundle(out / "model").state_dict
+    assert not (kept["cls_head.weight"] == selected["cls_head.weight"]).all()
