@@ -50,6 +50,17 @@ def test_quickstart_runs_the_whole_loop(tmp_path):
     assert np.isfinite(annotated.obsm["X_sclabel"]).all()
     assert set(annotated.obs["sclabel_label"]) <= set(summary["classes"]) | {"Unassigned"}
     assert "accuracy" in proc.stdout and "logistic regression" in proc.stdout
+    # Scored on top labels like the baseline; 'Unassigned' (under predict's threshold) is counted apart.
+    ours = summary["scores"]["sclabel"]
+    top = annotated.obs["sclabel_top_label"].astype(str).to_numpy()
+    truth = annotated.obs["sclabel_truth"].astype(str).to_numpy()
+    assert ours["accuracy"] == pytest.approx((top == truth).mean())
+    assert ours["unassigned"] == int((annotated.obs["sclabel_label"] == "Unassigned").sum())
+    # predict on the test file reproduces the fine-tune's own score on the same test cells
+    finetune = json.loads((out / "finetune" / "metrics.json").read_text())
+    assert finetune["test"]["num_cells"] == summary["test"]
+    assert ours["accuracy"] == pytest.approx(finetune["test"]["accuracy"])
+    assert ours["macro_f1"] == pytest.approx(finetune["test"]["macro_f1"])
 
 
 def test_quickstart_refuses_an_existing_run_and_a_missing_label_key(tmp_path):
