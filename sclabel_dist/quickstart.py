@@ -118,6 +118,7 @@ def score(annotated: Path, cells: Path) -> dict:
     truth = pred.obs[LABEL_COLUMN].astype(str).to_numpy()
     ours = pred.obs["sclabel_top_label"].astype(str).to_numpy()
     unassigned = int((pred.obs["sclabel_label"].astype(str) == UNASSIGNED).sum())
+    threshold = float(pred.uns["sclabel"]["threshold"])  # as predict recorded it
     inp = read_h5ad(cells)
     labels = inp.obs[LABEL_COLUMN].astype(str).to_numpy()
     parts = inp.obs[SPLIT_COLUMN].astype(str).to_numpy()
@@ -130,6 +131,7 @@ def score(annotated: Path, cells: Path) -> dict:
             "accuracy": accuracy_score(truth, ours),
             "macro_f1": f1_score(truth, ours, average="macro"),
             "unassigned": unassigned,
+            "threshold": threshold,
         },
         "logistic_regression": {
             "accuracy": accuracy_score(labels[test], base),
@@ -288,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'logistic regression':<28}{base['accuracy']:>10.3f}{base['macro_f1']:>10.3f}")
     print(
         f"  (sclabel scored on each cell's top label; {ours['unassigned']} of {info['test']} test cells are "
-        "'Unassigned' in the annotated .h5ad, under predict's 0.5 confidence threshold)"
+        f"'Unassigned' in the annotated .h5ad, under predict's {ours['threshold']} confidence threshold)"
     )
     print("\nArtefacts:")
     for name, where in [
