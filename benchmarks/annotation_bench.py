@@ -35,7 +35,7 @@ LABELLED = (
     "zilionis_mouse_lung",
     "cellbench_lung_adenocarcinoma_lines",
 )
-UNLABELLED = ("pbmcA_frozen_unlabeled", "celltypist_sample_unlabeled")
+UNLABELLED = ("pbmcA_frozen_unlabeled", "celltypist_sample_unlabeled", "pbmc3k_10x_unlabeled")
 TRANSFER_SET, TRANSFER_TEST_BATCH = "cellbench_lung_adenocarcinoma_lines", "sc_dropseq"
 LABEL_KEY = "cell_type"
 METHODS = {

@@ -83,6 +83,10 @@ class ModelConfig:
     mvc: bool = doc(
         False, "also predict each masked value from the cell embedding alone (scGPT's MVC objective)"
     )
+    contrastive: float = doc(
+        1.0,
+        "weight of a contrastive loss between the cell embeddings of two views of each cell (0 = MLM only)",
+    )
 
 
 @dataclass
@@ -276,9 +280,15 @@ class FinetuneTrainConfig:
     train_mode: str = doc("full", "'full', 'frozen' (head only) or 'top:N' (top N encoder blocks + head)")
     epochs: int = doc(12, "maximum passes over the (up-sampled) training split")
     max_steps_per_epoch: int = doc(0, "cap optimizer steps per epoch (0 = the whole split)")
+    min_steps_per_epoch: int = doc(
+        25, "a small split is repeated (reshuffled) within an epoch up to this many optimizer steps"
+    )
     batch_size: int = doc(32, "cells per micro-batch per process")
     lr: float = doc(1e-3, "peak learning rate of the encoder")
     head_lr: float = doc(1e-3, "peak learning rate of the classification head")
+    probe_epochs: int = doc(
+        0, "first train the head alone on the frozen encoder for this many epochs, then everything (LP-FT)"
+    )
     weight_decay: float = doc(0.01, "AdamW weight decay")
     warmup_fraction: float = doc(0.05, "linear warmup as a fraction of all steps, then cosine decay")
     grad_clip: float = doc(1.0, "gradient norm clip (0 = off)")

@@ -209,7 +209,12 @@ def fit(
         )
         encoder, head = set_trainable(model, t.train_mode)
         groups = [
-            g for g in ({"params": encoder, "lr": t.lr}, {"params": head, "lr": t.head_lr}) if g["params"]
+            g
+            for g in (
+                {"name": "encoder", "params": encoder, "lr": t.lr},
+                {"name": "head", "params": head, "lr": t.head_lr},
+            )
+            if g["params"]
         ]
         result = train_classifier(
             accelerator,

@@ -12,7 +12,7 @@ from sclabel_dist.errors import SclabelError
 HEAD_PREFIX = "cls_head."
 # Not on the classification path (MLM and MVC heads, masked-value vector): never trained here, and DDP requires
 # every trainable parameter to get a gradient.
-UNUSED = ("mlm_head.", "mask_embed", "mvc_query.", "mvc_head.")
+UNUSED = ("mlm_head.", "mask_embed", "mvc_query.", "mvc_head.", "contrast_head.")
 
 
 def parse_train_mode(mode: str, depth: int) -> int:

@@ -160,3 +160,23 @@ def _carve_validation(
         train_parts.append(members[max(n_val, 0) :])
     notes = [f"classes too small for a validation cell: {no_val}"] if no_val else []
     return np.sort(np.concatenate(train_parts)), np.sort(np.concatenate(val_parts)), notes
+
+
+def few_shot_split(split: Split, k: int, *, seed: int, val_fraction: float) -> Split:
+    """`split` with its training cells cut to `k` per class (all cells of smaller classes), drawn seeded from
+    train + validation, then validation carved again from those; the test part is unchanged.
+
+    The label-efficiency protocol: every method sees the same k labelled cells per class and is scored on the
+    same test cells as with the whole training split.
+    """
+    if k < 1:
+        raise SclabelError(f"k={k}: need at least one labelled cell per class")
+    rng = np.random.default_rng([seed, 5, k])
+    pool = np.sort(np.concatenate([split.train, split.val]))
+    parts = []
+    for c in range(len(split.classes)):
+        members = pool[split.y[pool] == c]
+        parts.append(rng.choice(members, size=min(k, len(members)), replace=False))
+    chosen = np.sort(np.concatenate(parts))
+    train, val, notes = _carve_validation(chosen, split.y, split.classes, val_fraction, seed)
+    return Split(train, val, split.test, split.classes, split.y, [*split.notes, *notes])

@@ -27,16 +27,27 @@ class TrainResult:
 
 
 def epoch_batches(
-    train: np.ndarray, *, seed: int, epoch: int, batch_size: int, world: int, rank: int, max_steps: int
+    train: np.ndarray,
+    *,
+    seed: int,
+    epoch: int,
+    batch_size: int,
+    world: int,
+    rank: int,
+    max_steps: int,
+    min_steps: int = 1,
 ) -> list[np.ndarray]:
-    """This rank's batches of one epoch: one seeded global permutation, cut into world x steps full batches.
+    """This rank's batches of one epoch: seeded global permutations, cut into world x steps full batches.
 
-    Every rank gets exactly the same number of batches (the ragged tail is dropped; a split smaller than
-    one global batch is repeated to fill it), so DDP never waits on a rank that ran out.
+    Every rank gets exactly the same number of batches (the ragged tail is dropped), so DDP never waits on a
+    rank that ran out. A split too small for `min_steps` batches is repeated, each pass a new permutation:
+    with 10 cells per class an epoch would otherwise be 2-3 optimizer steps, and the epoch cap would stop
+    training long before the head has learnt anything (issue 18).
     """
-    order = train[np.random.default_rng([seed, 3, epoch]).permutation(len(train))]
-    if len(order) < batch_size * world:
-        order = np.resize(order, batch_size * world)
+    rng = np.random.default_rng([seed, 3, epoch])
+    need = max(1, min_steps) * batch_size * world
+    passes = max(1, -(-need // max(1, len(train))))
+    order = np.concatenate([train[rng.permutation(len(train))] for _ in range(passes)])
     steps = len(order) // (batch_size * world)
     if max_steps > 0:
         steps = min(steps, max_steps)
@@ -87,9 +98,11 @@ def train_classifier(
             world=world,
             rank=0,
             max_steps=cfg.max_steps_per_epoch,
+            min_steps=cfg.min_steps_per_epoch,
         )
     )
     total = steps_per_epoch * cfg.epochs
+    probe_steps = steps_per_epoch * cfg.probe_epochs
     warmup = max(1, int(cfg.warmup_fraction * total))
     # fused: one kernel over all parameters; the gene-embedding table is most of them, and the unfused
     # step over it cost several times the forward and backward of a short-sequence batch on CPU.
@@ -114,6 +127,7 @@ def train_classifier(
             world=world,
             rank=rank,
             max_steps=cfg.max_steps_per_epoch,
+            min_steps=cfg.min_steps_per_epoch,
         )
         for i, rows in enumerate(batches):
             # Gene subsets of long cells are drawn per (seed, epoch, batch, rank): reruns see the same tokens.
@@ -122,7 +136,10 @@ def train_classifier(
                 csr[rows], tok_cfg, value_kind=value_kind, train=True, mask=False, rng=rng, labels=y[rows]
             ).to(accelerator.device)
             for group in optimizer.param_groups:
-                group["lr"] = group["peak_lr"] * lr_factor(step, total, warmup)
+                # LP-FT: the encoder waits while a fresh head learns to read it, so the head's first large,
+                # random gradients never reach (and scramble) pretrained features.
+                frozen = group.get("name") == "encoder" and step < probe_steps
+                group["lr"] = 0.0 if frozen else group["peak_lr"] * lr_factor(step, total, warmup)
             out = model(batch.gene_ids, batch.values, batch.attention_mask, bag=batch.bag)
             loss = F.cross_entropy(out.logits.float(), batch.labels, label_smoothing=cfg.label_smoothing)
             accelerator.backward(loss)
@@ -178,6 +195,12 @@ def train_classifier(
                     f"(best epoch {best_epoch})"
                 )
                 break
+    else:
+        if len(val) and best_epoch == cfg.epochs - 1:
+            log(
+                f"warning: the epoch cap ended fine-tuning while validation was still improving (best epoch "
+                f"{best_epoch + 1} of {cfg.epochs}); a larger --train.epochs may score higher"
+            )
     raw_model.load_state_dict(best_state)
     raw_model.eval()
     return TrainResult(raw_model, best_epoch, best_val, history, step, time.perf_counter() - t0)

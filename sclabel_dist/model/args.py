@@ -36,6 +36,8 @@ class ModelArgs:
     # False in bundles written before the gene bag existed (their args have no such key)
     gene_bag: bool = False
     mvc: bool = False
+    # weight of the two-view contrastive loss on the cell embedding (0 = off; 0 in bundles written before it)
+    contrastive: float = 0.0
 
     def __post_init__(self) -> None:
         if self.value_encoding not in ("binned", "continuous"):
@@ -87,6 +89,7 @@ def build_model_args(model_cfg: Any, tokenize_cfg: Any, vocab_size: int, num_cla
         activation_checkpointing=model_cfg.activation_checkpointing,
         gene_bag=tokenize_cfg.gene_bag,
         mvc=model_cfg.mvc,
+        contrastive=model_cfg.contrastive,
     )
 
 
@@ -106,6 +109,8 @@ def count_params(args: ModelArgs, embeddings: bool = True) -> int:
         out += 2 * d  # the bag's LayerNorm
     if args.mvc:
         out += (d * d + d) + (d * out_dim + out_dim)  # MVC gene query and value head
+    if args.contrastive:
+        out += 2 * (d * d + d)  # the contrastive projection head
     return out
 
 

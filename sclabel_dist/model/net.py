@@ -15,7 +15,9 @@ from sclabel_dist.model.args import ModelArgs
 class ModelOutput(NamedTuple):
     """cell_embedding [B, D] (final-norm CLS output); mlm [B, L, num_bins] logits (binned) or [B, L] values
     (continuous); logits [B, num_classes] with a classification head, else None; hidden [B, L, D] token states;
-    mvc: like mlm but predicted from the cell embedding and each gene's identity alone (None without MVC).
+    mvc: like mlm but predicted from the cell embedding and each gene's identity alone (None without MVC);
+    views: [2, B, P] projections of the cell embedding of two views of each cell, for the contrastive loss
+    (pretraining with args.contrastive > 0 only, else None).
 
     A NamedTuple rather than a dataclass so that DeepSpeed ZeRO-3 can find the tensors in it for its hooks.
     """
@@ -25,6 +27,7 @@ class ModelOutput(NamedTuple):
     logits: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
     mvc: torch.Tensor | None = None
+    views: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -117,6 +120,11 @@ class ScLabelNet(nn.Module):
         # pretraining shapes the very vector the classifier later reads.
         self.mvc_query = nn.Linear(d, d) if args.mvc else None
         self.mvc_head = nn.Linear(d, out_dim) if args.mvc else None
+        # Contrastive (SimCLR-style) projection of the cell embedding: MLM alone never trains the CLS output,
+        # and it left the pretrained cell embedding collapsed to ~3 effective dimensions (issue 21).
+        self.contrast_head = (
+            nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d)) if args.contrastive else None
+        )
         self.cls_head = nn.Linear(d, args.num_classes) if args.num_classes else None
         self.apply(_init_weights)
         nn.init.normal_(self.mask_embed, std=0.02)
@@ -158,13 +166,7 @@ class ScLabelNet(nn.Module):
         """gene_ids / values / attention_mask / masked as in CellBatch ([B, L]); masked=None at inference;
         bag = CellBatch.bag (required when the model was built with gene_bag, ignored otherwise)."""
         x, genes = self.embed(gene_ids, values, masked, bag)
-        key_mask = attention_mask[:, None, None, :].bool()
-        for block in self.blocks:
-            if self.args.activation_checkpointing and self.training:
-                x = checkpoint(block, x, key_mask, use_reentrant=False)
-            else:
-                x = block(x, key_mask)
-        x = self.norm(x)
+        x = self.encode(x, attention_mask)
         mlm = self.mlm_head(x)
         if self.args.value_encoding == "continuous":
             mlm = mlm.squeeze(-1)
@@ -175,7 +177,57 @@ class ScLabelNet(nn.Module):
             mvc = self.mvc_head(F.gelu(self.mvc_query(genes)) * cell.unsqueeze(1))
             if self.args.value_encoding == "continuous":
                 mvc = mvc.squeeze(-1)
-        return ModelOutput(cell_embedding=cell, mlm=mlm, logits=logits, hidden=x, mvc=mvc)
+        views = None
+        if self.contrast_head is not None and masked is not None and self.training:  # pretraining only
+            half = half_view(gene_ids, values, attention_mask, masked, bag)
+            x2, _ = self.embed(half[0], half[1], None, half[3])
+            cell2 = self.encode(x2, half[2])[:, 0]
+            views = torch.stack([self.contrast_head(cell), self.contrast_head(cell2)])
+        return ModelOutput(cell_embedding=cell, mlm=mlm, logits=logits, hidden=x, mvc=mvc, views=views)
+
+    def encode(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The encoder blocks and the final norm over token inputs x [B, L, D]."""
+        key_mask = attention_mask[:, None, None, :].bool()
+        for block in self.blocks:
+            if self.args.activation_checkpointing and self.training:
+                x = checkpoint(block, x, key_mask, use_reentrant=False)
+            else:
+                x = block(x, key_mask)
+        return self.norm(x)
+
+
+def _half(ids: torch.Tensor, salt: torch.Tensor) -> torch.Tensor:
+    """A deterministic pseudo-random half of the genes `ids` of cells with `salt`: True = in the half."""
+    h = (ids.long() * 1103515245 + salt * 12345 + 7) % 2147483647
+    return ((h >> 8) & 1).bool()
+
+
+def half_view(
+    gene_ids: torch.Tensor,
+    values: torch.Tensor,
+    attention_mask: torch.Tensor,
+    masked: torch.Tensor,
+    bag: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple | None]:
+    """The contrastive second view of a batch: about half of each cell's unmasked tokens and of its bag.
+
+    (gene_ids, values, attention_mask, bag) with the kept tokens moved to the front and the length cut to the
+    longest cell's. Which half is drawn from a hash of the gene ids salted by the cell's own genes, not from
+    an RNG: a resumed run sees exactly the views an uninterrupted one would, and no RNG state moves.
+    """
+    real = attention_mask.bool()
+    salt = (gene_ids.long() * real).sum(1)
+    keep = real & ~masked & _half(gene_ids, salt[:, None])
+    keep[:, 0] = True  # CLS
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    length = int(keep.sum(1).max())
+    pick = order[:, :length]
+    view = (gene_ids.gather(1, pick), values.gather(1, pick), keep.gather(1, pick).to(attention_mask.dtype))
+    if bag is None:
+        return (*view, None)
+    ids, offsets, weights = bag
+    cell = torch.searchsorted(offsets, torch.arange(len(ids), device=ids.device), right=True) - 1
+    return (*view, (ids, offsets, weights * _half(ids, salt[cell]).to(weights.dtype)))
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -186,18 +238,33 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.normal_(m.weight, std=0.02)
 
 
-def mlm_loss(output: ModelOutput, batch) -> tuple[torch.Tensor, torch.Tensor]:
+def mlm_loss(output: ModelOutput, batch, contrastive: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, masked-value accuracy) over the masked positions of `batch` (a CellBatch).
 
     Binned: cross-entropy over bins 1..num_bins, accuracy = exact bin. Continuous: MSE, accuracy = fraction of
     predictions within 0.5 of the true log-value. A batch with no masked token gives a zero loss that still
     touches every MLM parameter, so all ranks run the same backward (no collective mismatch). With MVC the
-    loss is the sum of both objectives (equal weights, as scGPT); the accuracy stays the MLM head's.
+    loss is the sum of both objectives (equal weights, as scGPT); the accuracy stays the MLM head's. With
+    views (args.contrastive) `contrastive` x the InfoNCE loss between them is added.
     """
     loss, acc = _masked_value_loss(output.mlm, batch)
     if output.mvc is not None:
         loss = loss + _masked_value_loss(output.mvc, batch)[0]
+    if output.views is not None:
+        loss = loss + contrastive * info_nce(output.views[0], output.views[1])
     return loss, acc
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Symmetric InfoNCE (SimCLR's NT-Xent over pairs): row i of `a` should pick row i of `b` among the batch.
+
+    The other cells of the (per-rank) batch are the negatives; the uniformity this forces on the cell
+    embedding is what keeps it from collapsing to the few directions MLM needs.
+    """
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    logits = a @ b.T / temperature
+    target = torch.arange(len(a), device=a.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
 def _masked_value_loss(prediction: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -83,3 +83,42 @@ def test_every_rank_gets_the_same_number_of_full_batches():
         assert set(seen) <= set(train)
         if n >= 48:
             assert len(np.unique(seen)) == len(seen)  # no cell twice within an epoch
+
+
+def test_a_small_split_is_repeated_to_the_minimum_steps_per_epoch():
+    from sclabel_dist.annotate.trainer import epoch_batches
+
+    train = np.arange(40) * 2  # 40 cells: one step of 32 without the minimum
+    for world in (1, 2):
+        per_rank = [
+            epoch_batches(
+                train, seed=0, epoch=0, batch_size=8, world=world, rank=r, max_steps=0, min_steps=25
+            )
+            for r in range(world)
+        ]
+        assert all(len(b) == 25 for b in per_rank)
+        seen = np.concatenate([np.concatenate(b) for b in per_rank])
+        # every cell is used about equally often: whole passes, each a new permutation
+        counts = np.bincount(seen // 2, minlength=40)
+        assert counts.min() >= counts.max() - 1 and set(seen) == set(train)
+    # a large split is unchanged by the minimum
+    big = np.arange(1000)
+    assert (
+        len(epoch_batches(big, seed=0, epoch=0, batch_size=8, world=1, rank=0, max_steps=0, min_steps=25))
+        == 125
+    )
+
+
+def test_few_shot_split_keeps_the_test_part_and_k_cells_per_class():
+    from sclabel_dist.annotate.splits import few_shot_split, stratified_split
+
+    labels = labels_of({"big": 200, "mid": 40, "rare": 6})
+    full = stratified_split(labels, seed=0, test_fraction=0.3, val_fraction=0.15)
+    few = few_shot_split(full, 10, seed=0, val_fraction=0.15)
+    assert np.array_equal(few.test, full.test)
+    chosen = np.concatenate([few.train, few.val])
+    assert not set(chosen) & set(full.test)
+    assert np.bincount(few.y[chosen]).tolist() == [10, 10, 4]  # 'rare' has only 4 non-test cells
+    again = few_shot_split(full, 10, seed=0, val_fraction=0.15)
+    assert np.array_equal(again.train, few.train) and np.array_equal(again.val, few.val)
+    assert not np.array_equal(few_shot_split(full, 10, seed=1, val_fraction=0.15).train, few.train)

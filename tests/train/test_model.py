@@ -158,3 +158,46 @@ def test_mvc_predicts_masked_values_from_the_cell_embedding_in_pretraining_only(
     out.mvc[masked].sum().backward()
     assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     assert model(ids, vals, am).mvc is None  # inference: no masked positions, no MVC
+
+
+def test_contrastive_views_are_deterministic_halves_and_train_the_cell_embedding():
+    from sclabel_dist.model.net import half_view, info_nce
+
+    torch.manual_seed(0)
+    model = ScLabelNet(make_args(contrastive=1.0, gene_bag=True))
+    assert sum(p.numel() for p in model.parameters()) == count_params(model.args)
+    ids, vals, am = cells([12, 9, 5], 12)
+    masked = torch.zeros_like(am)
+    masked[:, 2] = True
+    bag_ids = torch.arange(2, 32)
+    offsets = torch.tensor([0, 10, 20])
+    bag = (bag_ids, offsets, torch.rand(30) + 0.5)
+    view = half_view(ids, vals, am, masked, bag)
+    again = half_view(ids, vals, am, masked, bag)
+    for a, b in zip(view[:3], again[:3], strict=True):
+        assert torch.equal(a, b)  # no RNG: a resumed run sees the same views
+    kept = view[2].sum(1) - 1  # real tokens of each cell in the half view, CLS aside
+    real = am.sum(1) - 1
+    assert (kept < real).all() and (kept >= 1).all()
+    for i in range(3):  # a masked gene's value is the MLM's target: it never shows in the other view
+        assert ids[i, 2] not in view[0][i][view[2][i].bool()][1:]
+    assert (view[3][2] == 0).any() and (view[3][2] > 0).any()  # about half the bag kept
+
+    class B:
+        pass
+
+    b = B()
+    b.masked, b.targets = masked, vals
+    model.train()
+    out = model(ids, vals.masked_fill(masked, 0), am, masked, bag=bag)
+    assert out.views.shape == (2, 3, 32)
+    with_views, _ = mlm_loss(out, b, contrastive=1.0)
+    mlm_only, _ = mlm_loss(out._replace(views=None), b)
+    torch.testing.assert_close(with_views - mlm_only, info_nce(out.views[0], out.views[1]))
+    info_nce(out.views[0], out.views[1]).backward()
+    assert model.gene_embed.weight.grad.abs().sum() > 0 and model.bag_norm.weight.grad.abs().sum() > 0
+    model.eval()
+    assert model(ids, vals, am, bag=bag).views is None  # inference: no views, and no head in a classifier
+    # bundles written before the objective existed have no such key and build without the head
+    old = ModelArgs.from_dict({k: v for k, v in make_args().to_dict().items() if k != "contrastive"})
+    assert old.contrastive == 0.0 and ScLabelNet(old).contrast_head is None
