@@ -285,7 +285,7 @@ class FinetuneTrainConfig:
     )
     batch_size: int = doc(32, "cells per micro-batch per process")
     lr: float = doc(1e-3, "peak learning rate of the encoder")
-    head_lr: float = doc(1e-3, "peak learning rate of the classification head")
+    head_lr: float = doc(1e-2, "peak learning rate of the classification head (new, so larger)")
     probe_epochs: int = doc(
         0, "first train the head alone on the frozen encoder for this many epochs, then everything (LP-FT)"
     )
