@@ -115,7 +115,7 @@ def celltypist_predict(X, value_kind: str, y: np.ndarray, train: np.ndarray, tes
 
 
 def run_job(job: dict) -> list[dict]:
-    """Every k of one (task, seed, arm): fine-tunings or baselines, one row per k."""
+    """One (task, seed, arm, k): a fine-tuning or a baseline, as a one-row list."""
     import torch
 
     torch.set_num_threads(1)
@@ -134,7 +134,7 @@ def run_job(job: dict) -> list[dict]:
     prep, full = task_data(job["task"], bundle, cfg, seed)
     accelerator = Accelerator(cpu=True)
     rows = []
-    for k in job["k"]:
+    for k in [job["k"]]:
         cfg.train.seed = seed
         split = few_shot_split(full, k, seed=seed, val_fraction=cfg.data.val_fraction) if k else full
         cells = np.sort(np.concatenate([split.train, split.val]))
@@ -244,7 +244,13 @@ def main(argv: list[str] | None = None) -> int:
         "--data", type=Path, default=Path(os.environ.get("SHARED_DATA", REPO.parent / "shared/data"))
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--k", type=int, nargs="+", default=[5, 10, 25, 50, 0], help="cells per class; 0 = all")
+    p.add_argument(
+        "--k",
+        type=int,
+        nargs="+",
+        default=[10, 25, 5, 50, 0],
+        help="cells per class, run in this order; 0 = all",
+    )
     p.add_argument("--sets", nargs="+", default=list(ab.LABELLED), choices=ab.LABELLED)
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     p.add_argument("--no-transfer", dest="transfer", action="store_false")
@@ -280,34 +286,32 @@ def main(argv: list[str] | None = None) -> int:
             {"kind": "transfer", "label": name, "source": s, "target": t, "mapping": m, "data": args.data}
             for name, s, t, m in TRANSFERS
         ]
-    jobs = []
     for seed in args.seeds:
         info = ab.pretrain(seed, work, args, log)
         print(f"seed {seed}: pretrained {info['steps']} steps in {info['minutes']:.1f} min", flush=True)
-        bundles = {
-            "pretrained": str(work / f"seed{seed}/export"),
-            "scratch": str(work / f"seed{seed}/scratch"),
+    # k outermost, in the order given: one k's table is complete before the next k starts
+    jobs = [
+        {
+            "task": task,
+            "seed": seed,
+            "arm": arm,
+            "k": k,
+            "bundles": {
+                "pretrained": str(work / f"seed{seed}/export"),
+                "scratch": str(work / f"seed{seed}/scratch"),
+            },
+            "finetune_config": args.finetune_config,
+            "overrides": overrides,
         }
-        for task in tasks:
-            for arm in args.arms:
-                jobs.append(
-                    {
-                        "task": task,
-                        "seed": seed,
-                        "arm": arm,
-                        "k": args.k,
-                        "bundles": bundles,
-                        "finetune_config": args.finetune_config,
-                        "overrides": overrides,
-                    }
-                )
+        for k in args.k
+        for seed in args.seeds
+        for task in tasks
+        for arm in args.arms
+    ]
     todo = []
     for job in jobs:
-        out = (
-            work
-            / "rows"
-            / f"{job['task']['label'].replace(' ', '')}_{job['seed']}_{job['arm'].replace(' ', '_')}.json"
-        )
+        name = f"{job['task']['label']}_{job['seed']}_{job['arm']}_k{job['k']}"
+        out = work / "rows" / (name.replace(" -> ", "_to_").replace(" ", "_") + ".json")
         job["out"] = out
         if not out.exists():
             todo.append(job)

@@ -115,4 +115,6 @@ def test_pretraining_gives_cell_embeddings_that_separate_cell_types_better_than_
     assert bundle.model_args.contrastive > 0  # the default recipe
     pretrained = np.mean([probe_f1(bundle, h5ad, "pretrained", seed) for seed in range(3)])
     random = np.mean([probe_f1(bundle, h5ad, "random", seed) for seed in range(3)])
-    assert pretrained >= random + 0.05, (pretrained, random)
+    # seeds 0-2 on this machine: 0.68 against 0.38 with the contrastive objective; MLM alone (the recipe of
+    # issue 21) gave 0.41 against 0.39, which fails here
+    assert pretrained >= random + 0.1, (pretrained, random)
