@@ -24,7 +24,7 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +96,8 @@ def task_data(task: dict, bundle, cfg, seed: int):
 
 
 def celltypist_predict(X, value_kind: str, y: np.ndarray, train: np.ndarray, test: np.ndarray) -> np.ndarray:
-    """CellTypist trained on the training cells (log1p CP10k, all genes; its defaults), predicting test cells."""
+    """CellTypist trained on the training cells (log1p CP10k, all genes; SGD logistic regression), predicting
+    the test cells."""
     import anndata
     import celltypist
 
@@ -107,7 +108,11 @@ def celltypist_predict(X, value_kind: str, y: np.ndarray, train: np.ndarray, tes
     train_ad = anndata.AnnData(Xn[train], var={"gene": genes})
     train_ad.var_names = genes
     train_ad.obs["label"] = y[train].astype(str)
-    model = celltypist.train(train_ad, labels="label", check_expression=False, n_jobs=1, max_iter=1000)
+    # CellTypist 1.7.1's default (sklearn LogisticRegression(multi_class=...)) fails on scikit-learn >= 1.8,
+    # which removed that argument; its SGD logistic regression is the path that runs.
+    model = celltypist.train(
+        train_ad, labels="label", check_expression=False, n_jobs=1, use_SGD=True, max_iter=1000
+    )
     test_ad = anndata.AnnData(Xn[test])
     test_ad.var_names = genes
     pred = celltypist.annotate(test_ad, model=model, majority_voting=False).predicted_labels
@@ -318,16 +323,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(jobs) - len(todo)} of {len(jobs)} jobs already done; running {len(todo)}", flush=True)
     import multiprocessing as mp
 
+    failed = 0
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
-        for job, rows in zip(todo, pool.map(run_job, todo), strict=True):
+        futures = {pool.submit(run_job, job): job for job in todo}
+        for future in as_completed(futures):  # each row is kept as soon as it exists
+            job = futures[future]
+            what = f"{job['task']['label']} seed {job['seed']} {job['arm']} k={job['k']}"
+            try:
+                rows = future.result()
+            except Exception as exc:  # one arm failing must not lose the others' hours
+                failed += 1
+                print(f"  FAILED {what}: {type(exc).__name__}: {exc}", flush=True)
+                continue
             tmp = job["out"].with_suffix(".tmp")
             tmp.write_text(json.dumps(rows, indent=1) + "\n")
             tmp.replace(job["out"])
-            print(
-                f"  {job['task']['label']} seed {job['seed']} {job['arm']}: "
-                + ", ".join(f"k={r['k']} {r['macro_f1']:.3f}" for r in rows),
-                flush=True,
-            )
+            print(f"  {what}: macro-F1 {rows[0]['macro_f1']:.3f}", flush=True)
     rows = [r for f in sorted((work / "rows").glob("*.json")) for r in json.loads(f.read_text())]
     summary = summarise(rows)
     text = markdown(summary)
@@ -336,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(summary, work / "label_efficiency.png")
     print(text)
     print(f"wrote {work}/summary.md and label_efficiency.png in {(time.perf_counter() - t0) / 60:.1f} min")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
