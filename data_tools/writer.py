@@ -81,15 +81,23 @@ def check_block(matrix: sp.csr_matrix, value_kind: str, where: str, first_row: i
         raise SclabelError(f"{where}: row {first_row + row}: {what} ({data[k]!r})")
 
 
-def _compressor(name: str, kind: str) -> Any:
-    from zarr.codecs import BloscCodec
+def _compressor(name: str, kind: str) -> tuple[Any, Any]:
+    from zarr.codecs import BloscCodec, Crc32cCodec
 
     # lz4 rather than zstd: random 256-row reads ran 1.7x faster for 17% more disk, and the loader is
     # decode-bound. Bitshuffle suits small integer counts (4.6x smaller); gene indices compress the same with
     # byte shuffle (1.6x) and decode 1.3x faster (bitshuffle was a third of the loader's decode time);
     # byte shuffle suits float32.
     bitshuffle = kind != "f" and name != fmt.INDICES
-    return BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle" if bitshuffle else "shuffle")
+    # A crc32c per inner chunk (4 bytes, ~0.05 ms per MB to check) lets the loader verify every read.
+    return BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle" if bitshuffle else "shuffle"), Crc32cCodec()
+
+
+def _checked() -> tuple[Any, Any]:
+    """zstd (zarr's default) plus a crc32c: indptr and obs codes are verified on read like the rows."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return ZstdCodec(), Crc32cCodec()
 
 
 def write_part(
@@ -118,7 +126,9 @@ def write_part(
         attributes={"num_rows": num_rows, "nnz": nnz, "value_kind": value_kind, "dataset": dataset},
     )
     indptr = indptr.astype(np.uint64)
-    group.create_array(fmt.INDPTR, shape=indptr.shape, chunks=indptr.shape, dtype=np.uint64)[:] = indptr
+    group.create_array(
+        fmt.INDPTR, shape=indptr.shape, chunks=indptr.shape, dtype=np.uint64, compressors=_checked()
+    )[:] = indptr
     for name, values, dt in ((fmt.INDICES, indices, idx_dt), (fmt.DATA, data, val_dt)):
         arr = group.create_array(
             name,
@@ -128,14 +138,16 @@ def write_part(
             dtype=dt,
             compressors=_compressor(name, dt.kind),
             fill_value=0,
+            # Every chunk stored, zero-valued ones too: the reader treats an absent chunk as lost data.
+            config={"write_empty_chunks": True},
         )
         if nnz:
             arr[:] = values.astype(dt, copy=False)
     for col, codes in obs_codes.items():
         n = max(len(codes), 1)
-        group.create_array(f"{fmt.OBS_GROUP}/{col}", shape=codes.shape, chunks=(n,), dtype=np.int32)[:] = (
-            codes
-        )
+        group.create_array(
+            f"{fmt.OBS_GROUP}/{col}", shape=codes.shape, chunks=(n,), dtype=np.int32, compressors=_checked()
+        )[:] = codes
     return idx_dt.name, val_dt.name
 
 
