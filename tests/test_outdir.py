@@ -79,11 +79,15 @@ def test_ingest_overwrite_replaces_stores_only(tmp_path: Path) -> None:
 
 
 def test_to_soma_overwrite_refuses_a_user_directory(tmp_path: Path) -> None:
+    import anndata as ad
+    import pandas as pd
+
     from data_tools.to_soma import main as to_soma
 
     d = _user_dir(tmp_path)
-    src = tmp_path / "x.h5ad"
-    src.write_bytes(b"")
+    src = tmp_path / "x.h5ad"  # a valid input: 68c3987 converted it and then deleted `d` to make room
+    X = sp.csr_matrix(np.arange(60, dtype=np.float32).reshape(20, 3))
+    ad.AnnData(X=X, var=pd.DataFrame(index=["A", "B", "C"])).write_h5ad(src)
     with pytest.raises(SclabelError, match="not a SOMA experiment"):
         to_soma([str(src), "--out", str(d), "--overwrite"])
     assert (d / "model" / "thesis.tex").is_file()
