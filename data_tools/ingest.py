@@ -2,12 +2,15 @@
 
 Per input: open -> scan (value checks, per-gene totals) -> match genes to the vocabulary -> report (refuse
 under --min-match) -> write row blocks (optionally through the out-of-core shuffle). Nothing is written
-until every input has been scanned and matched, so a bad input leaves no store behind.
+until every input has been scanned and matched, so a bad input leaves no store behind. The store's lock is
+held from the first look at it to the commit, and every input of one command lands in one commit.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,8 +23,9 @@ from tqdm import tqdm
 from data_tools.readers import InputReader, open_input
 from data_tools.scan import InputStats, decide_value_kind, scan_input
 from data_tools.shuffle_write import num_buckets, shuffled_blocks
+from data_tools.store_lock import StoreLock
 from data_tools.vocab_build import build_vocab_from_union
-from data_tools.writer import StoreWriter, staged_store
+from data_tools.writer import StoreWriter, commit_appends, staged_store
 from sclabel_dist.data import format as fmt
 from sclabel_dist.errors import SclabelError
 from sclabel_dist.vocab import GeneMatch, GeneVocab, remap_csr
@@ -178,8 +182,15 @@ def row_blocks(p: Prepared, columns: list[str], block_rows: int):
 
 
 def write_dataset(
-    store: Path, vocab: GeneVocab, p: Prepared, mode: str, args: argparse.Namespace, columns: list[str]
-) -> None:
+    store: Path,
+    vocab: GeneVocab,
+    p: Prepared,
+    mode: str,
+    args: argparse.Namespace,
+    columns: list[str],
+    index: fmt.StoreIndex | None = None,
+) -> StoreWriter:
+    """Write one input; with `index` (append) the dataset stays staged until commit_appends."""
     blocks: Any = row_blocks(p, columns, args.block_rows)
     if args.shuffle:
         nb = num_buckets(p.stats.nnz, p.stats.num_rows)
@@ -196,20 +207,64 @@ def write_dataset(
         mode=mode,
         source=str(p.reader.path),
         match_report=p.report,
+        index=index,
+        commit=index is None,
     ) as writer:
         for mat, obs in blocks:
             writer.write_block(mat, obs)
             bar.update(mat.shape[0])
     bar.close()
+    return writer
+
+
+def append_datasets(
+    out: Path,
+    index: fmt.StoreIndex,
+    vocab: GeneVocab,
+    prepared: list[Prepared],
+    args: argparse.Namespace,
+    columns: list[str],
+) -> None:
+    """Stage every input, then commit them with one index: a failure half way leaves the store as it was."""
+    writers: list[StoreWriter] = []
+    try:
+        for p in prepared:
+            writers.append(write_dataset(out, vocab, p, "append", args, columns, index=index))
+        commit_appends(out, index, writers)
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+
+
+# Out of space or quota: the writers have already dropped what they staged, so one line is all there is to say.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def ingest(args: argparse.Namespace) -> fmt.StoreIndex:
-    """Run an ingest from parsed arguments; returns the final index."""
+    """Run an ingest from parsed arguments, holding the store's lock throughout; returns the final index."""
+    try:
+        with StoreLock(args.out):
+            return _ingest_locked(args)
+    except OSError as exc:
+        if exc.errno not in _NO_SPACE:
+            raise
+        # A failed write() carries no file name: the store being written is the place to name.
+        where = exc.filename or args.out
+        raise SclabelError(
+            f"{where}: {os.strerror(exc.errno)} while writing the store; nothing was committed "
+            f"({'the store is as it was' if args.append else 'no store was created'}): free space and rerun"
+        ) from None
+
+
+def _ingest_locked(args: argparse.Namespace) -> fmt.StoreIndex:
     columns, optional = parse_obs_columns(args.obs_columns)
     names = dataset_names(args.inputs, args.dataset_name)
     out = Path(args.out)
+    index = None
     if args.append:
-        existing = {d.name for d in fmt.read_index(out).datasets}
+        index = fmt.read_index(out)
+        existing = {d.name for d in index.datasets}
         clash = sorted(set(names) & existing)
         if clash:
             raise SclabelError(f"{out}: dataset(s) {clash} already in the store; pick other --dataset-name")
@@ -246,9 +301,8 @@ def ingest(args: argparse.Namespace) -> fmt.StoreIndex:
             print_report(p)
         for p in prepared:
             check_match(p, args.min_match)
-        if args.append:
-            for p in prepared:
-                write_dataset(out, vocab, p, "append", args, columns)
+        if index is not None:
+            append_datasets(out, index, vocab, prepared, args, columns)
         else:
             with staged_store(out, overwrite=args.overwrite) as staged:
                 for i, p in enumerate(prepared):

@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from data_tools.readers import InputReader
 from data_tools.writer import check_block
+from sclabel_dist.data.values import MAX_COUNT, MAX_FLOAT32, value_kind_of
 from sclabel_dist.errors import SclabelError
 
 
@@ -50,18 +51,34 @@ def scan_input(reader: InputReader, block_rows: int = 4096, progress: bool = Tru
     return InputStats(reader.num_rows, nnz, cells, sums, all_int, max_value)
 
 
+def _first_bad_row(reader: InputReader, kind: str) -> None:
+    """Raise SclabelError naming the first row whose values `kind` cannot store; one more pass, error path only."""
+    for start, block in reader.blocks(4096):
+        check_block(block, kind, reader.path, start)
+
+
 def decide_value_kind(stats: InputStats, reader: InputReader, asked: str) -> str:
-    """'counts' or 'lognorm': the flag if given (counts verified), else the file's hint, else the values."""
+    """'counts' or 'lognorm': the flag if given, else the shared rule (data/values.py) over the file's hint and values.
+
+    The chosen kind is checked here, before anything is written: non-integer or > 2^32-1 counts, or values
+    beyond float32, raise naming the row.
+    """
     hint = getattr(reader, "counts_hint", None)
-    if asked == "counts" or (asked == "auto" and hint is True):
-        # A file that says it holds counts (uns["X_is_integer_counts"]) is held to it like the flag.
-        if not stats.all_integer:
-            # Find the first offending row to name it; one more pass only on this error path.
-            for start, block in reader.blocks(4096):
-                check_block(block, "counts", reader.path, start)
-        return "counts"
-    if asked == "lognorm":
-        return "lognorm"
-    if asked != "auto":
+    if asked not in ("auto", "counts", "lognorm"):
         raise SclabelError(f"--value-kind {asked!r}: choose counts, lognorm or auto")
-    return "counts" if (hint is None and stats.all_integer) else "lognorm"
+    if asked == "auto" and hint is True and not stats.all_integer:
+        _first_bad_row(reader, "counts")  # the row, before the rule's file-level refusal
+    kind = asked if asked != "auto" else value_kind_of(stats.all_integer, stats.max_value, hint, reader.path)
+    fits = stats.max_value <= MAX_FLOAT32
+    if kind == "counts":
+        fits = stats.all_integer and stats.max_value <= MAX_COUNT
+    if not fits:
+        _first_bad_row(reader, kind)
+    if asked == "auto" and kind == "lognorm" and hint is None:
+        # Said out loud, naming the first non-integer value (found in the first block of a real log-normalised
+        # file): one stray value would otherwise turn a count matrix into "lognorm" silently.
+        try:
+            _first_bad_row(reader, "counts")
+        except SclabelError as exc:
+            print(f"note: {exc}; no counts hint in the file, so it is stored as log-normalised")
+    return kind

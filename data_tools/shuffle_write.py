@@ -7,13 +7,14 @@ uniformly random permutation of all rows, while only one block and then one buck
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+
+from data_tools.tempfiles import spill_dir
 
 BUCKET_NNZ = 1 << 22  # non-zeros per bucket: bounds the memory of the second pass
 
@@ -33,7 +34,7 @@ def shuffled_blocks(
 ) -> Iterator[tuple[sp.csr_matrix, dict[str, np.ndarray]]]:
     """Yield the rows of `blocks` (CSR + obs values) in a seeded uniformly random order, bucket by bucket."""
     rng = np.random.default_rng(seed)
-    tmp = Path(tempfile.mkdtemp(prefix="sclabel-shuffle-", dir=workdir))
+    tmp = spill_dir("shuffle", workdir)
     categories: dict[str, dict[Any, int]] = {c: {} for c in columns}
     try:
         for mat, obs in blocks:

@@ -339,11 +339,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _is_experiment(path: Path) -> bool:
+    """--overwrite replaces a SOMA experiment only, never another directory or file."""
+    import tiledbsoma
+
+    try:
+        tiledbsoma.Experiment.open(str(path)).close()
+    except Exception:  # tiledbsoma raises several types for "not an experiment"
+        return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out: Path = args.out
     if out.exists() and not args.overwrite:
         raise SclabelError(f"{out}: already exists (use --overwrite)")
+    if out.exists() and not _is_experiment(out):
+        raise SclabelError(f"{out}: exists and is not a SOMA experiment; refusing to replace it")
     if args.block_rows < 1 or args.row_tile < 1:
         raise SclabelError("--block-rows and --row-tile must be at least 1")
     t0 = time.perf_counter()

@@ -117,11 +117,20 @@ def validate_store(store: str | Path, checksums: bool = True) -> tuple[list[str]
         problems += check_shard(store, index, s, checksums)
     shards_dir = store / fmt.SHARDS_DIR
     if shards_dir.is_dir():
+        listed = {s.path for s in index.shards}
         for p in shards_dir.iterdir():
             if p.name not in known:
                 warnings.append(
                     f"{p}: not referenced by index.json (left by an interrupted ingest; removed by the next append)"
                 )
+                continue
+            # A shard directory of a listed dataset that the index leaves out: cells the loader never reads
+            # (an index.json edited, or restored from an older copy).
+            for part in sorted(p.iterdir()):
+                if f"{fmt.SHARDS_DIR}/{p.name}/{part.name}" not in listed:
+                    warnings.append(
+                        f"{part}: shard directory not referenced by index.json (its cells are never read)"
+                    )
     return problems, warnings
 
 

@@ -4,6 +4,8 @@ Crash safety: a new store is built in a sibling temp directory and renamed into 
 writes its shards under shards/.tmp-*, renames them into place, and replaces index.json LAST. A SIGKILL at any
 point leaves the old store (still valid) or nothing with an index.json; stale temp dirs are removed by the
 next writer. Memory is bounded by one part (rows_per_shard rows) whatever the input size.
+Concurrency: a writer holds the store's lock (store_lock.py) from reading the index to replacing it. Several
+datasets appended by one command share one index and commit once (`commit=False`, then `commit_appends`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from data_tools.part_buffer import PartBuffer, release_freed_memory
+from data_tools.store_lock import StoreLock
+from data_tools.tempfiles import clean_stale
 from sclabel_dist.data import format as fmt
+from sclabel_dist.data.values import MAX_COUNT, MAX_FLOAT32
 from sclabel_dist.errors import SclabelError
 from sclabel_dist.vocab import GeneVocab
 
@@ -28,32 +33,9 @@ MODES = ("create", "append", "overwrite")
 _DATASET_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _tmp_prefix(store: Path) -> str:
     """Temp names beside a store: '.NAME.tmp-<pid>...' (a staged store's own temps share its prefix)."""
     return f".{store.name.lstrip('.')}.tmp-"
-
-
-def _clean_stale(parent: Path, prefix: str) -> None:
-    """Remove `prefix<pid>...` entries left by writers that died (their pid is gone)."""
-    if not parent.is_dir():
-        return
-    for p in parent.iterdir():
-        if not p.name.startswith(prefix):
-            continue
-        m = re.match(r"(\d+)", p.name[len(prefix) :])
-        if m and (int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1)))):
-            continue  # ours, or a live writer's
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def check_block(matrix: sp.csr_matrix, value_kind: str, where: str, first_row: int = 0) -> None:
@@ -74,6 +56,13 @@ def check_block(matrix: sp.csr_matrix, value_kind: str, where: str, first_row: i
         frac = data != np.round(data)
         if frac.any():
             bad = ("non-integer value declared as counts (use --value-kind lognorm)", frac)
+    if bad is None and value_kind == "counts" and data.size and data.max() > MAX_COUNT:
+        bad = (
+            f"count above {MAX_COUNT} (counts are stored as unsigned 32-bit integers at most)",
+            data > MAX_COUNT,
+        )
+    if bad is None and value_kind == "lognorm" and data.size and data.max() > MAX_FLOAT32:
+        bad = ("value beyond float32 range (log-normalised values are stored as float32)", data > MAX_FLOAT32)
     if bad is not None:
         what, mask = bad
         k = int(np.argmax(mask))
@@ -81,15 +70,23 @@ def check_block(matrix: sp.csr_matrix, value_kind: str, where: str, first_row: i
         raise SclabelError(f"{where}: row {first_row + row}: {what} ({data[k]!r})")
 
 
-def _compressor(name: str, kind: str) -> Any:
-    from zarr.codecs import BloscCodec
+def _compressor(name: str, kind: str) -> tuple[Any, Any]:
+    from zarr.codecs import BloscCodec, Crc32cCodec
 
     # lz4 rather than zstd: random 256-row reads ran 1.7x faster for 17% more disk, and the loader is
     # decode-bound. Bitshuffle suits small integer counts (4.6x smaller); gene indices compress the same with
     # byte shuffle (1.6x) and decode 1.3x faster (bitshuffle was a third of the loader's decode time);
     # byte shuffle suits float32.
     bitshuffle = kind != "f" and name != fmt.INDICES
-    return BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle" if bitshuffle else "shuffle")
+    # A crc32c per inner chunk (4 bytes, ~0.05 ms per MB to check) lets the loader verify every read.
+    return BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle" if bitshuffle else "shuffle"), Crc32cCodec()
+
+
+def _checked() -> tuple[Any, Any]:
+    """zstd (zarr's default) plus a crc32c: indptr and obs codes are verified on read like the rows."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return ZstdCodec(), Crc32cCodec()
 
 
 def write_part(
@@ -118,7 +115,9 @@ def write_part(
         attributes={"num_rows": num_rows, "nnz": nnz, "value_kind": value_kind, "dataset": dataset},
     )
     indptr = indptr.astype(np.uint64)
-    group.create_array(fmt.INDPTR, shape=indptr.shape, chunks=indptr.shape, dtype=np.uint64)[:] = indptr
+    group.create_array(
+        fmt.INDPTR, shape=indptr.shape, chunks=indptr.shape, dtype=np.uint64, compressors=_checked()
+    )[:] = indptr
     for name, values, dt in ((fmt.INDICES, indices, idx_dt), (fmt.DATA, data, val_dt)):
         arr = group.create_array(
             name,
@@ -128,14 +127,16 @@ def write_part(
             dtype=dt,
             compressors=_compressor(name, dt.kind),
             fill_value=0,
+            # Every chunk stored, zero-valued ones too: the reader treats an absent chunk as lost data.
+            config={"write_empty_chunks": True},
         )
         if nnz:
             arr[:] = values.astype(dt, copy=False)
     for col, codes in obs_codes.items():
         n = max(len(codes), 1)
-        group.create_array(f"{fmt.OBS_GROUP}/{col}", shape=codes.shape, chunks=(n,), dtype=np.int32)[:] = (
-            codes
-        )
+        group.create_array(
+            f"{fmt.OBS_GROUP}/{col}", shape=codes.shape, chunks=(n,), dtype=np.int32, compressors=_checked()
+        )[:] = codes
     return idx_dt.name, val_dt.name
 
 
@@ -177,6 +178,8 @@ class StoreWriter:
         mode: str = "create",
         source: str = "",
         match_report: dict | None = None,
+        index: fmt.StoreIndex | None = None,
+        commit: bool = True,
     ):
         if mode not in MODES:
             raise SclabelError(f"store mode {mode!r}: choose from {MODES}")
@@ -194,22 +197,34 @@ class StoreWriter:
         self.mode = mode
         self.source = source
         self.match_report = match_report
+        # commit=False (append only): close() keeps the shards staged and extends `index` in memory; the
+        # caller, holding the store lock, commits every dataset with one index (commit_appends).
+        self.commit = commit
+        if not commit and mode != "append":
+            raise SclabelError("StoreWriter(commit=False) is for appends; a new store commits by its rename")
         self.num_rows = 0
         self.nnz = 0
         self._part: PartBuffer | None = None  # allocated at the first block, once its dtype is known
         self._shards: list[fmt.ShardEntry] = []
         self._closed = False
-        self._stage_root = self._prepare()
+        self._lock = StoreLock(self.store)
+        self._lock.acquire()
+        self._locked = True
+        try:
+            self._stage_root = self._prepare(index)
+        except BaseException:
+            self._unlock()
+            raise
 
     # -- setup ------------------------------------------------------------------------------------------
 
-    def _prepare(self) -> Path:
-        """Pick the temp root we write under and load the existing index in append mode."""
+    def _prepare(self, index: fmt.StoreIndex | None) -> Path:
+        """Pick the temp root we write under and load the existing index (or extend the given one) in append mode."""
         parent = self.store.parent
         parent.mkdir(parents=True, exist_ok=True)
-        _clean_stale(parent, _tmp_prefix(self.store))
+        clean_stale(parent, _tmp_prefix(self.store))
         if self.mode == "append":
-            self.index = fmt.read_index(self.store)
+            self.index = index if index is not None else fmt.read_index(self.store)
             if self.index.vocab_hash != self.vocab.hash:
                 raise SclabelError(
                     f"{self.store}: store vocabulary hash {self.index.vocab_hash[:12]} differs from this "
@@ -220,7 +235,7 @@ class StoreWriter:
                     f"{self.store}: dataset {self.dataset!r} already in the store; pick another --dataset-name"
                 )
             shards = self.store / fmt.SHARDS_DIR
-            _clean_stale(shards, ".tmp-")
+            clean_stale(shards, ".tmp-")
             # A dataset dir that index.json does not list was left by an append killed before its commit.
             shutil.rmtree(shards / self.dataset, ignore_errors=True)
             self._final_root = self.store
@@ -229,6 +244,8 @@ class StoreWriter:
             return root
         if self.mode == "create" and self.store.exists():
             raise SclabelError(f"{self.store}: already exists; use --append to add a dataset or --overwrite")
+        if self.mode == "overwrite":
+            check_replaceable(self.store)
         self.index = fmt.StoreIndex(vocab_hash=self.vocab.hash, num_genes=len(self.vocab))
         self._final_root = parent / f"{_tmp_prefix(self.store)}{os.getpid()}"
         shutil.rmtree(self._final_root, ignore_errors=True)
@@ -267,14 +284,10 @@ class StoreWriter:
         pending = self._part.num_rows if self._part is not None else 0
         check_block(matrix, self.value_kind, self.source or self.dataset, self.num_rows + pending)
         # Narrow the buffered values now (float64 -> 4 bytes): the pending part is the writer's whole memory.
+        # check_block above bounds the values by the stored dtype, so neither cast can overflow.
         if self.value_kind == "lognorm":
             matrix.data = matrix.data.astype(np.float32, copy=False)
         else:
-            if matrix.nnz and matrix.data.max() > np.iinfo(np.uint32).max:
-                raise SclabelError(
-                    f"{self.source or self.dataset}: a count above {np.iinfo(np.uint32).max} near row "
-                    f"{self.num_rows}; counts are stored as unsigned 32-bit integers at most"
-                )
             matrix.data = matrix.data.astype(np.uint32, copy=False)
         matrix.indices = matrix.indices.astype(np.int32, copy=False)
         if self.mean_nnz is None:
@@ -334,30 +347,53 @@ class StoreWriter:
     # -- commit / abort -----------------------------------------------------------------------------------
 
     def close(self) -> fmt.StoreIndex:
-        """Flush, move shards into place, write the report, then replace index.json last; returns the index."""
+        """Flush, move shards into place, write the report, then replace index.json last; returns the index.
+
+        With commit=False only the flush and the in-memory index: the shards stay staged (see commit_appends).
+        """
         if self._closed:
             return self.index
-        if self._part is not None and self._part.num_rows:
-            self._flush()
-        root = self._final_root
-        os.replace(self._stage_root, root / fmt.SHARDS_DIR / self.dataset)
-        report_rel = f"{fmt.REPORTS_DIR}/{self.dataset}.json"
-        (root / fmt.REPORTS_DIR).mkdir(exist_ok=True)
-        fmt.write_json_atomic(root / report_rel, self.match_report or {})
-        self.index.datasets.append(
-            fmt.DatasetEntry(self.dataset, self.source, self.value_kind, self.num_rows, self.nnz, report_rel)
-        )
-        self.index.shards.extend(self._shards)
-        self.index.num_rows += self.num_rows
-        self.index.nnz += self.nnz
-        fmt.write_index(root, self.index)
-        if self.mode != "append":
-            _swap_into_place(root, self.store)
-        self._closed = True
+        try:
+            if self._part is not None and self._part.num_rows:
+                self._flush()
+            self.index.datasets.append(
+                fmt.DatasetEntry(
+                    self.dataset, self.source, self.value_kind, self.num_rows, self.nnz, self._report_rel
+                )
+            )
+            self.index.shards.extend(self._shards)
+            self.index.num_rows += self.num_rows
+            self.index.nnz += self.nnz
+            self._closed = True
+            if self.commit:
+                self.publish()
+                fmt.write_index(self._final_root, self.index)
+                if self.mode != "append":
+                    _swap_into_place(self._final_root, self.store)
+        finally:
+            self._unlock()
         return self.index
 
+    def _unlock(self) -> None:
+        if self._locked:
+            self._locked = False
+            self._lock.release()
+
+    @property
+    def _report_rel(self) -> str:
+        return f"{fmt.REPORTS_DIR}/{self.dataset}.json"
+
+    def publish(self) -> None:
+        """Move the finished dataset's shards into place and write its report (index.json not yet)."""
+        root = self._final_root
+        os.replace(self._stage_root, root / fmt.SHARDS_DIR / self.dataset)
+        (root / fmt.REPORTS_DIR).mkdir(exist_ok=True)
+        fmt.write_json_atomic(root / self._report_rel, self.match_report or {})
+
     def abort(self) -> None:
-        """Drop everything this writer wrote; an existing store is left untouched."""
+        """Drop everything this writer wrote (also after an uncommitted close); an existing store is left untouched."""
+        _settle_zarr_writes()
+        self._unlock()
         self._closed = True
         shutil.rmtree(self._stage_root, ignore_errors=True)
         if self.mode != "append":
@@ -367,10 +403,65 @@ class StoreWriter:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self.close()
-        else:
+        if exc_type is not None:
             self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:  # the last flush or the commit failed (a full disk): drop what was staged
+            self.abort()
+            raise
+
+
+def commit_appends(store: Path, index: fmt.StoreIndex, writers: Sequence[StoreWriter]) -> None:
+    """Publish datasets closed with commit=False, then replace index.json once (the caller holds the lock).
+
+    A kill before the index is replaced leaves unreferenced shards/<dataset> dirs, which the same command
+    removes when it is run again (StoreWriter._prepare), so a multi-input append lands all or nothing.
+    """
+    for w in writers:
+        w.publish()
+    fmt.write_index(store, index)
+
+
+def _settle_zarr_writes(timeout: float = 60.0) -> None:
+    """Wait for zarr chunk writes still in flight after one of them failed.
+
+    zarr writes a shard's chunks in one gather on its own event loop; when one write fails (a full disk) the
+    error comes back at once while the others carry on. Left alone they could recreate files under a staged
+    directory removed just after, and they die at exit with a page of asyncio tracebacks.
+    """
+    import asyncio
+
+    from zarr.core import sync as zsync
+
+    if zsync.loop[0] is None or not zsync.loop[0].is_running():
+        return
+
+    async def settle() -> None:
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if others:
+            await asyncio.wait(others, timeout=timeout)
+
+    zsync.sync(settle())
+
+
+def check_replaceable(store: Path) -> None:
+    """--overwrite replaces a cell store (or an empty directory), never a directory holding anything else."""
+    if not store.exists() or (store.is_dir() and not any(store.iterdir())):
+        return
+    ours = {fmt.INDEX_FILE, fmt.VOCAB_FILE, fmt.REPORTS_DIR, fmt.SHARDS_DIR}
+    try:
+        fmt.read_index(store)
+    except SclabelError:
+        raise SclabelError(f"{store}: exists and is not a cell store; refusing to replace it") from None
+    # (also the writer's own temp names: `.index.json.tmp-PID` of a run killed mid-commit)
+    other = sorted(p.name for p in store.iterdir() if p.name not in ours and ".tmp-" not in p.name)
+    if other:
+        raise SclabelError(
+            f"{store}: holds entries the store writer did not write ({', '.join(other[:5])}); "
+            "refusing to replace it: move them out or choose another --out"
+        )
 
 
 def _swap_into_place(staged: Path, store: Path) -> None:
@@ -388,8 +479,9 @@ def staged_store(store: str | Path, overwrite: bool = False) -> Iterator[Path]:
     store = Path(store)
     if store.exists() and not overwrite:
         raise SclabelError(f"{store}: already exists; use --append to add a dataset or --overwrite")
+    check_replaceable(store)
     store.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(store.parent, _tmp_prefix(store))
+    clean_stale(store.parent, _tmp_prefix(store))
     staged = store.parent / f"{_tmp_prefix(store)}{os.getpid()}-staged"
     shutil.rmtree(staged, ignore_errors=True)
     try:

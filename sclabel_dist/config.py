@@ -216,7 +216,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         for key in keys[:-1]:
             node[key] = dict(node.get(key) or {})
             node = node[key]
-        node[keys[-1]] = yaml.safe_load(value_text)
+        try:
+            node[keys[-1]] = yaml.safe_load(value_text)
+        except yaml.YAMLError as exc:  # a tag (!!python/...), an unclosed bracket or quote
+            reason = str(exc).splitlines()[0]
+            raise SclabelError(f"override {item!r}: the value is not plain YAML ({reason})") from None
     return raw
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from sclabel_dist.errors import SclabelError
+from sclabel_dist.outdir import prepare_out_dir as prepare_run_dir  # evaluate imports it from here
 
 USAGE_EXAMPLES = """examples:
   sclabel finetune --model runs/export --data train.h5ad --label-key cell_type --out runs/ft
@@ -84,24 +84,6 @@ def parse_config(args: argparse.Namespace, extra: list[str]) -> Any:
     if args.seed is not None:
         extra.append(f"train.seed={args.seed}")
     return load_config(FinetuneConfig, args.config, extra)
-
-
-def prepare_run_dir(out: Path, overwrite: bool, *, create: bool) -> None:
-    """Refuse an existing non-empty output directory unless --overwrite, and never delete one we did not write.
-
-    Called twice: first only to check (before any slow work), then to clear and create it once the inputs
-    have passed their checks, so a refused input leaves nothing behind.
-    """
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise SclabelError(f"{out}: output exists; pass --overwrite to replace it")
-        ours = ("metrics.json", "results.json", "model")
-        if not out.is_dir() or not any((out / name).exists() for name in ours):
-            raise SclabelError(f"{out}: exists and is not a sclabel run directory; refusing to replace it")
-        if create:
-            shutil.rmtree(out)
-    if create:
-        out.mkdir(parents=True, exist_ok=True)
 
 
 def prepare_input(bundle: Any, inp: Any, cfg: Any, log: Any = print) -> Prepared:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -61,6 +62,17 @@ class StepTimer:
         return out
 
 
+def _json_safe(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, inf) replaced by None, through dicts and lists."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 class MetricsLogger:
     """Writes metrics on rank 0 only; other ranks get a logger whose methods do nothing."""
 
@@ -87,7 +99,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, "split": prefix, "time": time.time(), **metrics}
-        self.jsonl.write(json.dumps(record) + "\n")
+        # JSON has no NaN or Infinity: a diverged value is written as null (stdout and TensorBoard show it).
+        self.jsonl.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
         if self.tb is not None:
             for key, value in metrics.items():
                 if isinstance(value, int | float):

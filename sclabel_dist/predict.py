@@ -37,6 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def honour_interrupts() -> None:
+    """A job started with `&` by a non-interactive shell inherits SIGINT ignored, so an explicit interrupt was
+    swallowed; predict runs long, so it takes SIGINT back (outputs go to temp names, removed on the way out)."""
+    import signal
+    import threading
+
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    ):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
@@ -50,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from sclabel_dist.bundle import load_bundle
 
     args = build_parser().parse_args(argv)
+    honour_interrupts()
     if not 0.0 <= args.threshold <= 1.0:
         raise SclabelError(f"--threshold {args.threshold}: must be between 0 and 1")
     if args.batch_size < 1:

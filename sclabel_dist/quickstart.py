@@ -13,7 +13,6 @@ import argparse
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from sclabel_dist.errors import SclabelError
+from sclabel_dist.outdir import prepare_out_dir
 
 EMBEDDED_NAME = "10x_pbmc68k_reduced.h5ad"
 EMBEDDED_LABEL_KEY = "bulk_labels"
@@ -164,16 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        if not args.overwrite:
-            raise SclabelError(f"{out}: already holds a quickstart run; pass --overwrite or another --out")
-        shutil.rmtree(out)
     if args.data is None:
         source, label_key, use_raw = embedded_dataset(), args.label_key or EMBEDDED_LABEL_KEY, True
     elif args.label_key is None:
         raise SclabelError("--label-key is required with --data")
     else:
         source, label_key, use_raw = Path(args.data), args.label_key, False
+    prepare_out_dir(out, args.overwrite)  # --overwrite deletes only what an earlier sclabel run wrote
     py, logs = sys.executable, out / "logs"
     paths = {
         "cells": out / "data" / "cells.h5ad",

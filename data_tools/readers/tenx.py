@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -17,6 +16,7 @@ from typing import IO, Any
 import numpy as np
 import scipy.sparse as sp
 
+from data_tools.tempfiles import spill_dir
 from sclabel_dist.errors import SclabelError
 
 _PARSE_ENTRIES = 1 << 20  # entries parsed per chunk of the .mtx text
@@ -39,6 +39,15 @@ def _read_tsv(path: Path) -> list[list[str]]:
         raise SclabelError(f"{path}: unreadable ({exc})") from None
 
 
+def _count_lines(path: Path) -> int:
+    """Non-empty lines of a (gzipped) text file, streamed."""
+    try:
+        with _open_text(path) as fh:
+            return sum(1 for line in fh if line.strip())
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise SclabelError(f"{path}: unreadable ({exc})") from None
+
+
 class TenXReader:
     """Cell-block reader of a 10x matrix directory; call close() to remove its temporary files."""
 
@@ -56,7 +65,6 @@ class TenXReader:
         self.ensembl = [r[0] for r in rows]
         self.var_names = [r[1] if len(r) > 1 else r[0] for r in rows]
         self.counts_hint: bool | None = None
-        self._tmp = Path(tempfile.mkdtemp(prefix="sclabel-10x-", dir=workdir))
         self._spilled = False
         self._barcode_list: np.ndarray | None = None
         self._read_header()
@@ -64,6 +72,14 @@ class TenXReader:
             raise SclabelError(
                 f"{self._mtx}: {self.num_genes} genes in the header but {len(self.var_names)} in {features.name}"
             )
+        if self._barcodes is not None:
+            # Checked at open: a barcode list of another length means the files are of different runs.
+            num_barcodes = _count_lines(self._barcodes)
+            if num_barcodes != self.num_rows:
+                raise SclabelError(
+                    f"{self._barcodes}: {num_barcodes} barcodes but {self._mtx.name} has {self.num_rows} cells"
+                )
+        self._tmp = spill_dir("10x", workdir)  # last: a refused input leaves no temp dir
 
     def _read_header(self) -> None:
         try:

@@ -9,15 +9,13 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from sclabel_dist.data.values import value_kind_of
 from sclabel_dist.errors import SclabelError
 
 # Columns of `var` that may hold Ensembl ids beside the symbols in var_names (first one present wins).
 ENSEMBL_COLUMNS = ("ensembl", "ensembl_id", "gene_ids", "gene_id", "ensembl_ids")
 # Strings that mean "no label": such cells are left out of training and reported.
 MISSING_LABELS = frozenset({"", "nan", "none", "na", "n/a", "null", "unknown", "unassigned"})
-# Log1p of counts per 10k tops out near log1p(1e4) ~ 9.2; far above that a non-integer matrix was
-# normalised but never logged, which neither encoding can take as it is.
-MAX_LOGNORM_VALUE = 30.0
 
 
 @dataclass
@@ -92,17 +90,7 @@ def detect_value_kind(X: sp.csr_matrix, where: Path | str, declared: bool | None
             f"{where}: negative expression values (min {data.min():.3g}): the data look scaled or centred; "
             "give raw counts or log1p-normalised values instead"
         )
-    is_integer = bool(np.all(data == np.round(data)))
-    if declared is True and not is_integer:
-        raise SclabelError(f"{where}: uns['X_is_integer_counts'] is true but X holds non-integer values")
-    if is_integer and declared is not False:
-        return "counts"
-    if data.max() > MAX_LOGNORM_VALUE:
-        raise SclabelError(
-            f"{where}: non-integer values up to {data.max():.3g}: normalised but apparently not log-transformed; "
-            "give raw counts or log1p(normalised counts)"
-        )
-    return "lognorm"
+    return value_kind_of(bool(np.all(data == np.round(data))), float(data.max()), declared, where)
 
 
 def read_labels(inp: H5adInput, label_key: str) -> np.ndarray:

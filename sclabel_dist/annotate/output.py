@@ -22,6 +22,11 @@ def check_output(out: Path, data: Path, overwrite: bool) -> None:
     """Refuse writing over the input, or over an existing output unless `overwrite`."""
     if out.resolve() == data.resolve():
         raise SclabelError(f"{out}: the output would replace the input file; choose another --out")
+    if csv_path_for(out) == out:
+        raise SclabelError(
+            f"{out}: the annotated .h5ad and its CSV would get the same name; give the .h5ad path as --out "
+            f"(the CSV is written beside it as {out.with_suffix('.csv').name})"
+        )
     for path in (out, csv_path_for(out)):
         if path.exists() and not overwrite:
             raise SclabelError(f"{path}: output exists; pass --overwrite to replace it")
@@ -72,8 +77,9 @@ def write_annotated(
             "sclabel_top_label": top_label,
         }
     )
-    tmp_h5 = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp_csv = csv.with_name(f".{csv.name}.tmp-{os.getpid()}")
+    # Temp names differ by kind, not only by final name: two outputs must never share one temp file.
+    tmp_h5 = out.with_name(f".{out.name}.h5ad-tmp-{os.getpid()}")
+    tmp_csv = csv.with_name(f".{csv.name}.csv-tmp-{os.getpid()}")
     try:
         result.write_h5ad(tmp_h5)
         frame.to_csv(tmp_csv, index=False)

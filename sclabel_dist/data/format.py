@@ -237,7 +237,8 @@ def open_shard_arrays(store: str | Path, shard: ShardEntry) -> tuple[np.ndarray,
         group = zarr.open_group(str(path), mode="r")
         indptr = np.asarray(group[INDPTR][:], dtype=np.int64)
         return indptr, group[INDICES], group[DATA]
-    except (FileNotFoundError, KeyError, ValueError) as exc:
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
+        # A failed crc32c is a ValueError from zarr, a RuntimeError from the zarrs pipeline.
         raise SclabelError(f"{path}: shard unreadable ({type(exc).__name__}: {exc})") from None
 
 

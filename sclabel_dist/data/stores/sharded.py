@@ -7,6 +7,12 @@ one blosc decompress per chunk straight into the caller's array (a scratch chunk
 with the GIL released in both, so the loader's reader threads decode in parallel. The layout is checked from
 zarr.json when an array is opened; anything else (another codec chain, big-endian, no sharding) gives None and
 the caller reads it through zarr.
+
+Verified reads: the writer appends a crc32c to every inner chunk (codec chain bytes -> blosc -> crc32c) and
+writes every chunk, so here each chunk read is checked before it is decoded, and a shard file or chunk that is
+absent inside the array is an error naming the file (it would otherwise read as zeros). Arrays written before
+(no crc32c) are read as before, absent chunks as fill values: stores of that writer are verified by their
+per-shard sha256 when first opened instead (verify.py).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import numpy as np
 from sclabel_dist.errors import SclabelError
 
 _EMPTY = np.uint64(2**64 - 1)  # a shard index entry (offset, nbytes) of an inner chunk never written
-_CHECKSUM_BYTES = 4  # crc32c after the shard index
+_CHECKSUM_BYTES = 4  # crc32c after the shard index, and after each chunk when the chain ends in crc32c
 
 
 class ShardedArray:
@@ -35,6 +41,8 @@ class ShardedArray:
         config = meta["codecs"][0]["configuration"]
         self.chunk = int(config["chunk_shape"][0])
         self.chunks_per_shard = self.shard // self.chunk
+        # Written with a crc32c per chunk (and every chunk stored): verify each chunk, refuse absent ones.
+        self.checked = [c["name"] for c in config["codecs"]][-1] == "crc32c"
         self.fill = self.dtype.type(meta.get("fill_value") or 0)
         sep = meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator", "/")
         self._key = "c" + sep + "{}"
@@ -75,9 +83,15 @@ class ShardedArray:
             end = min(hi, base + self.shard)
             index = self._shard_index(s)
             if index is None:
-                out[pos - lo : end - lo] = self.fill
-                pos = end
-                continue
+                if not self.checked:  # zarr's default skips a shard of fill values: no file is zeros
+                    out[pos - lo : end - lo] = self.fill
+                    pos = end
+                    continue
+                # That writer stores every chunk: an absent shard file is lost data, not zeros.
+                raise SclabelError(
+                    f"{self.path / self._key.format(s)}: shard file missing (elements {pos}-{end} of "
+                    f"{self.path}); the store is damaged, see `sclabel-data validate`"
+                )
             c0, c1 = (pos - base) // self.chunk, (end - 1 - base) // self.chunk + 1
             offsets, nbytes = index[c0:c1, 0], index[c0:c1, 1]
             stored = offsets != _EMPTY
@@ -87,10 +101,17 @@ class ShardedArray:
                 a, b = max(pos, e0), min(end, e0 + self.chunk)
                 dst = out[a - lo : b - lo]
                 if not stored[c - c0]:
+                    if self.checked:  # that writer stores every chunk, fill-valued ones included
+                        raise SclabelError(
+                            f"{self.path / self._key.format(s)}: chunk {c} missing (elements {a}-{b} of "
+                            f"{self.path}); the store is damaged, see `sclabel-data validate`"
+                        )
                     dst[:] = self.fill
                     continue
                 off = int(offsets[c - c0]) - start
                 src = buf[off : off + int(nbytes[c - c0])]
+                if self.checked:
+                    src = _verified(src, self.path / self._key.format(s), c)
                 if b - a == self.chunk:
                     blosc.decompress(src, dst)  # the whole chunk: straight into the output
                 else:
@@ -100,10 +121,10 @@ class ShardedArray:
                     dst[:] = scratch[a - e0 : b - e0]
             pos = end
 
-    def _read_stored(self, s: int, offsets: np.ndarray, nbytes: np.ndarray) -> tuple[memoryview, int]:
+    def _read_stored(self, s: int, offsets: np.ndarray, nbytes: np.ndarray) -> tuple[np.ndarray, int]:
         """The bytes spanning the given stored chunks of shard file s, and the file offset they start at."""
         if len(offsets) == 0:
-            return memoryview(b""), 0
+            return np.empty(0, dtype=np.uint8), 0
         start = int(offsets.min())
         span = int((offsets + nbytes).max()) - start
         buf = np.empty(span, dtype=np.uint8)  # not zero-filled: the pread overwrites it
@@ -115,7 +136,21 @@ class ShardedArray:
             os.close(fd)
         if got != span:
             raise SclabelError(f"{self.path / self._key.format(s)}: truncated shard ({got} of {span} bytes)")
-        return memoryview(buf), start
+        return buf, start
+
+
+def _verified(chunk: np.ndarray, file: Path, c: int) -> np.ndarray:
+    """The chunk without its trailing crc32c, after checking it (google_crc32c: zarr's own dependency)."""
+    import google_crc32c
+
+    body = chunk[:-_CHECKSUM_BYTES]
+    if len(chunk) < _CHECKSUM_BYTES or google_crc32c.value(body) != int.from_bytes(
+        chunk[-_CHECKSUM_BYTES:].tobytes(), "little"
+    ):
+        raise SclabelError(
+            f"{file}: chunk {c} fails its crc32c check (corrupt shard; see `sclabel-data validate`)"
+        )
+    return body
 
 
 def _check_crc(payload: bytes, stored: bytes, file: Path) -> None:
@@ -125,6 +160,16 @@ def _check_crc(payload: bytes, stored: bytes, file: Path) -> None:
         return
     if google_crc32c.value(payload) != int.from_bytes(stored, "little"):
         raise SclabelError(f"{file}: shard index checksum mismatch (corrupt or half-written shard)")
+
+
+def has_chunk_checksums(path: Path) -> bool:
+    """Whether the sharded array at `path` was written with a crc32c per inner chunk (checked on every read)."""
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+        inner = meta["codecs"][0]["configuration"]["codecs"]
+        return meta["codecs"][0]["name"] == "sharding_indexed" and inner[-1]["name"] == "crc32c"
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return False
 
 
 def open_sharded(path: Path) -> ShardedArray | None:
@@ -163,7 +208,7 @@ def _supported(meta: dict) -> bool:
         )
         fill = meta.get("fill_value", 0)
         return (
-            inner == ["bytes", "blosc"]
+            inner in (["bytes", "blosc"], ["bytes", "blosc", "crc32c"])
             and index == ["bytes", "crc32c"]
             and little
             and isinstance(fill, int | float)

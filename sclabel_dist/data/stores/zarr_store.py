@@ -17,7 +17,8 @@ import numpy as np
 
 from sclabel_dist.data import format as fmt
 from sclabel_dist.data.stores.base import CSRBlock, checked_rows, lognorm_flags, runs
-from sclabel_dist.data.stores.sharded import ShardedArray, open_sharded
+from sclabel_dist.data.stores.sharded import ShardedArray, has_chunk_checksums, open_sharded
+from sclabel_dist.data.stores.verify import verify_shards
 from sclabel_dist.errors import SclabelError
 from sclabel_dist.vocab import GeneVocab
 
@@ -37,8 +38,6 @@ class ZarrCellStore:
     """A cell store directory opened read-only: indptr of every shard in RAM, indices/data read on demand."""
 
     def __init__(self, uri: str | Path, *, zarrs: bool = True, direct: bool = True):
-        import zarr
-
         if zarrs:
             use_zarrs_pipeline()
         self.uri = str(uri)
@@ -48,16 +47,31 @@ class ZarrCellStore:
             raise SclabelError(f"{uri}: {fmt.VOCAB_FILE} does not match the index's vocabulary hash")
         self.num_rows = self.index.num_rows
         self._offsets = self.index.row_offsets()
+        # Shards written without per-chunk crc32c are checked whole, once per shard version (verify.py).
+        legacy = [
+            shard
+            for shard in self.index.shards
+            if not all(has_chunk_checksums(Path(uri) / shard.path / n) for n in (fmt.INDICES, fmt.DATA))
+        ]
+        verify_shards(uri, legacy)
         self._indptr: list[np.ndarray] = []
         self._arrays: list[tuple[Any, Any]] = []
         for shard in self.index.shards:
-            group = zarr.open_group(str(Path(uri) / shard.path), mode="r")
-            self._indptr.append(np.asarray(group[fmt.INDPTR][:], dtype=np.int64))
+            # indptr is checked here, once (crc32c by zarr, then its shape against the index), because a
+            # wrong indptr would silently shift every row read through it.
+            indptr, indices, data = fmt.open_shard_arrays(uri, shard)
+            if len(indptr) != shard.num_rows + 1 or indptr[0] != 0 or indptr[-1] != shard.nnz:
+                raise SclabelError(
+                    f"{Path(uri) / shard.path}: indptr disagrees with index.json (damaged shard)"
+                )
+            if np.any(indptr[1:] < indptr[:-1]):
+                raise SclabelError(f"{Path(uri) / shard.path}: indptr not monotone (damaged shard)")
+            self._indptr.append(indptr)
             fast = [open_sharded(Path(uri) / shard.path / name) for name in (fmt.INDICES, fmt.DATA)]
             if direct and all(a is not None for a in fast):
                 self._arrays.append(tuple(fast))
             else:
-                self._arrays.append((group[fmt.INDICES], group[fmt.DATA]))
+                self._arrays.append((indices, data))
         self._kinds = [
             (int(o), int(o) + s.num_rows, s.value_kind)
             for o, s in zip(self._offsets[:-1], self.index.shards, strict=True)
