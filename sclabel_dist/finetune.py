@@ -109,7 +109,7 @@ def prepare_input(bundle: Any, inp: Any, cfg: Any, log: Any = print) -> Prepared
     from sclabel_dist.annotate.inference import tokenize_config
     from sclabel_dist.annotate.prepare import check_value_kind, format_match_report, match_to_vocab
 
-    csr, report = match_to_vocab(
+    csr, report, _ = match_to_vocab(
         inp, bundle.vocab, min_genes=cfg.data.min_matched_genes, min_fraction=cfg.data.min_matched_fraction
     )
     log(format_match_report(report))
