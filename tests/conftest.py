@@ -15,3 +15,15 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "README.md").is_file():
         pytest.skip(f"real data sets not present at {SHARED_DATA} (only in the project's CI)")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _run_outside_the_checkout(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every test runs in an empty directory of its own: none may read or write the working directory.
+
+    A user runs `pytest` where `sclabel quickstart` has just written runs/; a test that wrote defaults into
+    the working directory, or tripped over what was there, would fail there (issue 18).
+    """
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
