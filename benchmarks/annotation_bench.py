@@ -4,15 +4,15 @@ Per seed (the README's stratified 70/30 split, random_state = seed):
   1. pretraining corpus = the two unlabelled sets + the non-test cells of every labelled set (never a test
      cell; the Drop-seq batch of cellbench is left out too, since it is the cross-protocol test below);
   2. `torchrun --nproc_per_node=2 -m sclabel_dist.pretrain` (DeepSpeed) on it, then `sclabel export`;
-  3. a bundle of the same model with freshly initialised weights (the from-scratch arm);
-  4. per labelled set, `sclabel evaluate` on that seed's split:
+  3. per labelled set, `sclabel evaluate` on that seed's split:
        (a) logistic regression, (c) pretrained + fine-tuned with up-sampling, (d) the same without,
-       and (b) the from-scratch bundle fine-tuned with up-sampling;
-  5. cross-protocol transfer on cellbench: train on the CEL-seq2 batches, test on the Drop-seq batch,
+       and (b) `--arms scratch`: the same model with fresh weights (seeded by the seed), with up-sampling;
+  4. cross-protocol transfer on cellbench: train on the CEL-seq2 batches, test on the Drop-seq batch,
      baseline / pretrained / from scratch.
 The summary (mean and sample std over seeds) is written to WORK/summary.md and WORK/summary.json.
 
     python benchmarks/annotation_bench.py --work .bench/annotation --seeds 0 1 2
+    python benchmarks/annotation_bench.py --work .bench/annotation --seeds 0 --pretrain-only
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ TRANSFER_SET, TRANSFER_TEST_BATCH = "cellbench_lung_adenocarcinoma_lines", "sc_d
 LABEL_KEY = "cell_type"
 METHODS = {
     "logistic regression": "(a) logistic regression",
-    "scratch": "(b) from scratch, up-sampling",
+    "from scratch (up-sampling)": "(b) from scratch, up-sampling",
     "fine-tuned (up-sampling)": "(c) pretrained, up-sampling",
     "fine-tuned (no up-sampling)": "(d) pretrained, no up-sampling",
 }
@@ -67,11 +67,13 @@ def finetune_config(path: str) -> object:
 
 def non_test_cells(inp, seed: int, cfg: object) -> np.ndarray:
     """Rows of `inp` (an H5adInput) outside `sclabel evaluate`'s test split for `seed` (the same function
-    computes both)."""
+    computes both, with evaluate's default test fraction)."""
     from sclabel_dist.annotate.h5ad import read_labels
+    from sclabel_dist.annotate.splits import EVALUATE_TEST_FRACTION
     from sclabel_dist.finetune import make_split
 
     cfg.train.seed = seed
+    cfg.data.test_fraction = EVALUATE_TEST_FRACTION
     split = make_split(read_labels(inp, LABEL_KEY), inp, cfg, None)
     keep = np.ones(inp.X.shape[0], dtype=bool)
     keep[split.test] = False
@@ -96,20 +98,6 @@ def write_pretrain_inputs(data: Path, out: Path, seed: int, cfg: object) -> dict
     return cells
 
 
-def scratch_bundle(pretrained: Path, out: Path, seed: int) -> None:
-    """The pretrained bundle's model, vocabulary and tokenisation with fresh (seeded) weights."""
-    import torch
-
-    from sclabel_dist.bundle import load_bundle, save_bundle
-    from sclabel_dist.model.net import ScLabelNet
-
-    bundle = load_bundle(pretrained)
-    torch.manual_seed(seed)
-    model = ScLabelNet(bundle.model_args)
-    config = {"model_args": bundle.config["model_args"], "tokenize": bundle.config["tokenize"]}
-    save_bundle(out, model.state_dict(), config, bundle.vocab, "# ScLabel-Net, random initialisation\n")
-
-
 def transfer_h5ad(data: Path, out: Path) -> Path:
     """cellbench with obs['transfer_split']: CEL-seq2 batches train, the Drop-seq batch test."""
     import anndata
@@ -124,11 +112,11 @@ def transfer_h5ad(data: Path, out: Path) -> Path:
 
 
 def evaluate(
-    model: Path, data: Path, out: Path, seed: int, upsample: str, args, log: Path, split_key=None
+    model: Path, data: Path, out: Path, seed: int, arm: str, upsample: str, args, log: Path, split_key=None
 ) -> dict:
     if not (out / "results.json").exists():
         cmd = ["sclabel", "evaluate", "--model", str(model), "--data", str(data), "--label-key", LABEL_KEY]
-        cmd += ["--seeds", str(seed), "--upsample", upsample, "--config", args.finetune_config]
+        cmd += ["--seeds", str(seed), "--arms", arm, "--upsample", upsample, "--config", args.finetune_config]
         cmd += ["--out", str(out), "--overwrite"]
         if split_key:
             cmd += ["--split-key", split_key]
@@ -183,7 +171,6 @@ def pretrain(seed: int, work: Path, args, log: Path) -> dict:
         cmd.append(f"--train.max_steps={args.pretrain_steps}")
     minutes = run(cmd, log, env={"OMP_NUM_THREADS": "1"})
     run(["sclabel", "export", str(seed_dir / "ckpt"), str(export)], log)
-    scratch_bundle(export, seed_dir / "scratch", seed)
     bundle_cfg = json.loads((export / "config.json").read_text())
     from sclabel_dist.model.args import ModelArgs, count_params
 
@@ -225,10 +212,11 @@ def seed_rows(seed: int, work: Path, args, log: Path) -> list[dict]:
                     name,
                     arm,
                     (
-                        seed_dir / ("export" if arm == "pretrained" else "scratch"),
+                        seed_dir / "export",
                         path,
                         out,
                         seed,
+                        arm,
                         upsample,
                         args,
                         work / f"eval_seed{seed}_{tag}_{arm}.log",
@@ -244,7 +232,10 @@ def seed_rows(seed: int, work: Path, args, log: Path) -> list[dict]:
             if arm == "pretrained":
                 rows.append({"set": name, "seed": seed, **run_, "method": METHODS[run_["method"]]})
             elif run_["method"] != "logistic regression":  # the baseline is already in the pretrained arm
-                rows.append({"set": name, "seed": seed, **run_, "method": METHODS["scratch"]})
+                # by arm, not by name: results cached before `--arms` named this arm "fine-tuned (...)"
+                rows.append(
+                    {"set": name, "seed": seed, **run_, "method": METHODS["from scratch (up-sampling)"]}
+                )
     return rows
 
 
@@ -316,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="evaluations run at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each evaluation")
     p.add_argument("--no-transfer", dest="transfer", action="store_false")
+    p.add_argument(
+        "--pretrain-only",
+        action="store_true",
+        help="build the vocabulary and pretrain + export each seed, then stop (no evaluations)",
+    )
     args = p.parse_args(argv)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -340,7 +336,11 @@ def main(argv: list[str] | None = None) -> int:
         info = pretrain(seed, work, args, log)
         infos.append({"seed": seed, **info})
         print(f"seed {seed}: pretrained {info['steps']} steps in {info['minutes']:.1f} min", flush=True)
-        rows += seed_rows(seed, work, args, log)
+        if not args.pretrain_only:
+            rows += seed_rows(seed, work, args, log)
+    if args.pretrain_only:
+        print(f"pretrained seeds {args.seeds}: bundles in {work}/seed*/export; evaluations skipped")
+        return 0
     summary = summarise(rows)
     text = markdown(summary, infos)
     (work / "summary.md").write_text(text)

@@ -128,12 +128,13 @@ def run_job(job: dict) -> list[dict]:
 
     from sclabel_dist.annotate import baseline
     from sclabel_dist.annotate.report import classification_metrics
-    from sclabel_dist.annotate.splits import few_shot_split
+    from sclabel_dist.annotate.splits import EVALUATE_TEST_FRACTION, few_shot_split
     from sclabel_dist.bundle import load_bundle
     from sclabel_dist.config import FinetuneConfig, load_config
     from sclabel_dist.finetune import fit
 
     cfg = load_config(FinetuneConfig, job["finetune_config"], job["overrides"])
+    cfg.data.test_fraction = EVALUATE_TEST_FRACTION  # the README baseline's 70/30: every arm is scored on it
     seed, arm = job["seed"], job["arm"]
     bundle = load_bundle(Path(job["bundles"]["scratch" if arm == "scratch" else "pretrained"]))
     prep, full = task_data(job["task"], bundle, cfg, seed)

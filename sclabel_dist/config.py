@@ -250,7 +250,11 @@ class FinetuneDataConfig:
     """The labelled .h5ad: which matrix, how cells are split, how well genes must match the model."""
 
     layer: str = doc("", "layer to read instead of X ('' = X)")
-    test_fraction: float = doc(0.3, "fraction of labelled cells held out for the test (stratified, seeded)")
+    test_fraction: float = doc(
+        0.0,
+        "fraction of labelled cells held out of fine-tuning for a test score (stratified, seeded; 0 = train on "
+        "every labelled cell; `sclabel evaluate` sets its own --test-fraction)",
+    )
     val_fraction: float = doc(0.15, "fraction of the remaining cells for validation (early stopping)")
     min_cells_per_class: int = doc(2, "classes with fewer labelled cells are left out and reported")
     min_matched_genes: int = doc(100, "refuse data with fewer genes found in the model vocabulary")

@@ -14,15 +14,38 @@ import numpy as np
 from sclabel_dist.errors import SclabelError
 
 UPSAMPLE_CHOICES = {"on": [True], "off": [False], "both": [True, False]}
+ARMS = ("pretrained", "scratch")
+ARM_NAMES = {"pretrained": "fine-tuned", "scratch": "from scratch"}
+
+USAGE_EXAMPLES = """examples:
+  sclabel evaluate --model runs/export --data x.h5ad --label-key cell_type
+  sclabel evaluate --model runs/export --data x.h5ad --label-key cell_type --arms pretrained,scratch \
+      --upsample both --seeds 0 1 2        (does pretraining help on this data? both arms, same splits)
+  sclabel evaluate --model runs/export --data x.h5ad --label-key cell_type --split-key split --seeds 0
+  overrides: --train.epochs=10 --upsample.cap=500 (any FinetuneConfig field)
+
+Per seed, a stratified --test-fraction of the labelled cells (default {test:.0%}, or the 'test' cells of
+--split-key) is held out; every method learns from the rest and is scored on it. `sclabel finetune` holds
+nothing out: it trains the model you keep on every labelled cell.
+"""
+
+
+def parse_arms(text: str) -> list[str]:
+    """'pretrained,scratch' -> ['pretrained', 'scratch'] (order kept, duplicates and unknowns refused)."""
+    arms = [a.strip() for a in text.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS]
+    if not arms or unknown or len(set(arms)) != len(arms):
+        raise SclabelError(f"--arms {text!r}: a comma-separated subset of {', '.join(ARMS)}")
+    return arms
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sclabel_dist.finetune import USAGE_EXAMPLES
+    from sclabel_dist.annotate.splits import EVALUATE_TEST_FRACTION
 
     p = argparse.ArgumentParser(
         prog="sclabel evaluate",
         description=__doc__,
-        epilog=USAGE_EXAMPLES,
+        epilog=USAGE_EXAMPLES.format(test=EVALUATE_TEST_FRACTION),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True, help="export bundle directory (pretrained)")
@@ -35,6 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(UPSAMPLE_CHOICES),
         default="on",
         help="fine-tune with up-sampling, without, or both (default on)",
+    )
+    p.add_argument(
+        "--arms",
+        default="pretrained",
+        help="comma-separated: 'pretrained' fine-tunes --model, 'scratch' the same model with fresh weights "
+        "(seeded per seed, `sclabel init-bundle`); default pretrained",
+    )
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=EVALUATE_TEST_FRACTION,
+        help=f"stratified fraction of labelled cells held out as the test (default {EVALUATE_TEST_FRACTION}; "
+        "ignored with --split-key)",
     )
     p.add_argument("--config", default=None, help="YAML FinetuneConfig")
     p.add_argument("--split-key", default=None, help="obs column with train / val / test per cell")
@@ -86,10 +122,16 @@ def main(argv: list[str] | None = None) -> int:
         prepare_run_dir,
         save_outputs,
     )
+    from sclabel_dist.fresh import fresh_bundle_like
 
     args, extra = build_parser().parse_known_args(argv)
+    arms = parse_arms(args.arms)
+    if not 0.0 < args.test_fraction < 1.0:
+        raise SclabelError(f"--test-fraction {args.test_fraction}: must be between 0 and 1")
     args.no_upsample, args.seed = False, None
     cfg = parse_config(args, extra)
+    # The test part is evaluation's own choice: `sclabel finetune` trains on every labelled cell by default.
+    cfg.data.test_fraction = args.test_fraction
     # cpu=True on a machine without CUDA is what lets torchrun / accelerate launch run several CPU processes
     # (gloo); with it unset Accelerate falls back to one process per launch.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -110,13 +152,23 @@ def main(argv: list[str] | None = None) -> int:
         prepare_run_dir(out, args.overwrite, create=True)
     accelerator.wait_for_everyone()
 
+    def arm_bundle(arm: str, seed: int) -> Any:
+        """The bundle an arm fine-tunes: --model itself, or its architecture with fresh weights of `seed`."""
+        if arm == "pretrained":
+            return bundle
+        path = out / "scratch_models" / f"seed{seed}"
+        if main_proc:
+            fresh_bundle_like(bundle, path, seed=seed)
+        accelerator.wait_for_everyone()
+        return load_bundle(path)
+
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:
         cfg.train.seed = seed
         split = make_split(labels, inp, cfg, args.split_key)
         if len(split.test) == 0:
             raise SclabelError(
-                f"{data}: the split has no test cells; set data.test_fraction > 0 or a 'test' split"
+                f"{data}: the split column {args.split_key!r} names no 'test' cells to score on"
             )
         # The baseline learns from every non-test cell (it needs no validation split), as in the README.
         t0 = time.perf_counter()
@@ -133,36 +185,44 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         log(f"seed {seed} baseline: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}")
-        for upsample in UPSAMPLE_CHOICES[args.upsample]:
-            cfg.upsample.enabled = upsample
-            name = f"fine-tuned ({'up-sampling' if upsample else 'no up-sampling'})"
-            log(f"seed {seed} {name}:")
-            t0 = time.perf_counter()
-            fitted = fit(bundle, prep, split, cfg, accelerator, log=log)
-            minutes = (time.perf_counter() - t0) / 60
-            m = fitted.test_metrics
-            rows.append(
-                {
-                    "method": name,
-                    "seed": seed,
-                    "accuracy": m["accuracy"],
-                    "macro_f1": m["macro_f1"],
-                    "minutes": minutes,
-                    "best_epoch": fitted.train.best_epoch,
-                }
-            )
-            if main_proc:
-                run = out / f"seed{seed}_{'upsample' if upsample else 'no_upsample'}"
-                run.mkdir(parents=True, exist_ok=True)
-                info = {
-                    "model": str(bundle.path),
-                    "data": str(data),
-                    "label_key": args.label_key,
-                    "split_key": args.split_key,
-                    "minutes": minutes,
-                }
-                save_outputs(run, bundle, prep, split, fitted, cfg, info, save_model=args.save_models)
+        for arm in arms:
+            start = arm_bundle(arm, seed)
+            for upsample in UPSAMPLE_CHOICES[args.upsample]:
+                cfg.upsample.enabled = upsample
+                name = f"{ARM_NAMES[arm]} ({'up-sampling' if upsample else 'no up-sampling'})"
+                log(f"seed {seed} {name}:")
+                t0 = time.perf_counter()
+                fitted = fit(start, prep, split, cfg, accelerator, log=log)
+                minutes = (time.perf_counter() - t0) / 60
+                m = fitted.test_metrics
+                rows.append(
+                    {
+                        "method": name,
+                        "seed": seed,
+                        "accuracy": m["accuracy"],
+                        "macro_f1": m["macro_f1"],
+                        "minutes": minutes,
+                        "best_epoch": fitted.train.best_epoch + 1,  # counted from 1, as printed
+                    }
+                )
+                if main_proc:
+                    arm_dir = "" if arm == "pretrained" else "scratch_"
+                    run = out / f"{arm_dir}seed{seed}_{'upsample' if upsample else 'no_upsample'}"
+                    run.mkdir(parents=True, exist_ok=True)
+                    info = {
+                        "model": str(start.path),
+                        "data": str(data),
+                        "label_key": args.label_key,
+                        "split_key": args.split_key,
+                        "minutes": minutes,
+                    }
+                    save_outputs(run, start, prep, split, fitted, cfg, info, save_model=args.save_models)
     summary = summarise(rows)
+    test_part = (
+        f"the 'test' cells of obs[{args.split_key!r}]"
+        if args.split_key
+        else f"stratified {args.test_fraction:.0%} hold-out"
+    )
     table = format_table(
         summary, ["method", "seeds", "accuracy", "accuracy_sd", "macro_f1", "macro_f1_sd", "minutes"]
     )
@@ -172,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             "model": str(bundle.path),
             "label_key": args.label_key,
             "seeds": args.seeds,
+            "arms": arms,
+            "test_fraction": None if args.split_key else args.test_fraction,
             "summary": summary,
             "runs": rows,
             "gene_match": prep.match_report,
@@ -179,9 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             "minutes": (time.perf_counter() - t_start) / 60,
         }
         (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / "table.md").write_text(
-            f"{data.name}, seeds {args.seeds}, test = stratified hold-out\n\n{table}\n"
-        )
+        (out / "table.md").write_text(f"{data.name}, seeds {args.seeds}, test = {test_part}\n\n{table}\n")
         print(table)
         print(
             f"wrote {out}/table.md, results.json and per-seed metrics / plots "

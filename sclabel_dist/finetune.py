@@ -20,7 +20,11 @@ USAGE_EXAMPLES = """examples:
   sclabel finetune --model runs/export --data train.h5ad --label-key cell_type --out runs/ft
   accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m sclabel_dist.finetune --model runs/export \
       --data train.h5ad --label-key cell_type --out runs/ft      (cpu_2proc.yaml: two CPU processes)
-  overrides: --train.epochs=10 --upsample.cap=500 --data.test_fraction=0.2 (any FinetuneConfig field)
+  overrides: --train.epochs=10 --upsample.cap=500 (any FinetuneConfig field)
+
+Every labelled cell trains the model by default: validation cells choose the epoch count, then the refit
+learns from them too. To measure accuracy on held-out cells use `sclabel evaluate`, or hold cells out of this
+run with --data.test_fraction=0.3 or --split-key.
 """
 
 
@@ -91,7 +95,7 @@ def prepare_input(bundle: Any, inp: Any, cfg: Any, log: Any = print) -> Prepared
     from sclabel_dist.annotate.inference import tokenize_config
     from sclabel_dist.annotate.prepare import check_value_kind, format_match_report, match_to_vocab
 
-    csr, report = match_to_vocab(
+    csr, report, _ = match_to_vocab(
         inp, bundle.vocab, min_genes=cfg.data.min_matched_genes, min_fraction=cfg.data.min_matched_fraction
     )
     log(format_match_report(report))
@@ -161,6 +165,7 @@ def fit(
         f"split: train {len(split.train)}, val {len(split.val)}, test {len(split.test)}; "
         f"{len(split.classes)} classes"
     )
+    log(split_note(len(split.test), t.refit and len(split.val) > 0))
     for note in split.notes:
         log(f"note: {note}")
     non_test = np.sort(np.concatenate([split.train, split.val]))
@@ -219,8 +224,10 @@ def fit(
     if t.refit and len(split.val):
         # Validation has done its job (choosing the epoch count); the baseline learns from every non-test
         # cell, and so should the model: 15% more cells is worth ~0.01 macro-F1 to logistic regression on pbmc.
-        epochs = result.best_epoch + 1
-        log(f"refit: training again on train + validation cells for {epochs} epochs (the best epoch count)")
+        epochs = result.best_epoch + 1  # best_epoch is an index; users count epochs from 1
+        log(
+            f"refit: training again on train + validation cells for {epochs} epochs (the count validation chose)"
+        )
         selection = result
         result, upsample = train_on(non_test, split.val[:0], dataclasses.replace(t, epochs=epochs), "refit")
         result.best_val = selection.best_val
@@ -245,6 +252,29 @@ def fit(
     return FitOutput(result.model, split.classes, genes, metrics, result, upsample, prob)
 
 
+def split_note(num_test: int, refit: bool) -> str:
+    """What the user's labelled cells are used for, said once in the output (issue 18: a silent 30% hold-out)."""
+    if num_test:
+        return (
+            f"test: {num_test} labelled cells held out of training to measure the model "
+            "(data.test_fraction or --split-key); the model never learns from them"
+        )
+    if refit:
+        return (
+            "every labelled cell trains the model (validation cells choose the epoch count, then the refit "
+            "learns from them too); no test score: measure with `sclabel evaluate`"
+        )
+    return (
+        "every labelled cell but the validation ones trains the model (train.refit=false); no test score: "
+        "measure with `sclabel evaluate`"
+    )
+
+
+def one_based(history: list[dict]) -> list[dict]:
+    """The training history with epochs numbered from 1, as every line a user reads counts them."""
+    return [{**h, "epoch": h["epoch"] + 1} for h in history]
+
+
 def save_outputs(
     out: Path,
     bundle: Any,
@@ -266,9 +296,9 @@ def save_outputs(
     metrics = {
         **info,
         "test": fitted.test_metrics,
-        "best_epoch": tr.best_epoch,
+        "best_epoch": tr.best_epoch + 1,
         "val_best": tr.best_val,
-        "history": tr.history,
+        "history": one_based(tr.history),
         "split": split.summary(),
         "upsample": fitted.upsample,
         "input_genes": "all" if fitted.genes is None else len(fitted.genes),
@@ -295,7 +325,7 @@ def save_outputs(
                 "base_vocab_hash": bundle.vocab.hash,
                 "value_kind": prep.value_kind,
                 "config": to_dict(cfg),
-                "best_epoch": tr.best_epoch,
+                "best_epoch": tr.best_epoch + 1,
                 "label_key": info.get("label_key"),
                 "data": info.get("data"),
             },
@@ -313,8 +343,10 @@ def model_card(info: dict, fitted: FitOutput) -> str:
         f"- base model: {info.get('model')}",
         f"- data: {info.get('data')} (labels from obs[{info.get('label_key')!r}])",
         f"- classes ({len(fitted.classes)}): {', '.join(fitted.classes)}",
-        f"- best epoch: {fitted.train.best_epoch}; up-sampling: {fitted.upsample['enabled']}",
-        f"- test accuracy: {test.get('accuracy')}, macro-F1: {test.get('macro_f1')}",
+        f"- best epoch: {fitted.train.best_epoch + 1}; up-sampling: {fitted.upsample['enabled']}",
+        f"- test accuracy: {test.get('accuracy')}, macro-F1: {test.get('macro_f1')}"
+        if test
+        else "- trained on every labelled cell: no held-out test score (see `sclabel evaluate`)",
         "",
         "Use: `sclabel predict --model THIS_DIR --data new.h5ad --out annotated.h5ad`",
     ]

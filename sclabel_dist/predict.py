@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from sclabel_dist.annotate.genes import MIN_INPUT_GENES, WARN_INPUT_GENES
 from sclabel_dist.errors import SclabelError
 
 
@@ -32,6 +33,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="refuse data whose matching genes carry less of the expression",
     )
+    p.add_argument(
+        "--warn-input-genes",
+        type=float,
+        default=WARN_INPUT_GENES,
+        help="warn when the data holds less than this fraction of the classifier's input genes "
+        f"(default {WARN_INPUT_GENES})",
+    )
+    p.add_argument(
+        "--min-input-genes",
+        type=float,
+        default=MIN_INPUT_GENES,
+        help="refuse data holding less than this fraction of the classifier's input genes "
+        f"(default {MIN_INPUT_GENES})",
+    )
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return p
@@ -55,7 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from sclabel_dist.annotate.classifier import load_classifier, resolve_bundle_dir
-    from sclabel_dist.annotate.genes import classifier_input, genes_from_names
+    from sclabel_dist.annotate.genes import (
+        check_input_genes,
+        classifier_input,
+        genes_from_names,
+        input_gene_coverage,
+    )
     from sclabel_dist.annotate.h5ad import read_h5ad
     from sclabel_dist.annotate.inference import run_model, tokenize_config
     from sclabel_dist.annotate.output import assign_labels, check_output, write_annotated
@@ -68,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SclabelError(f"--threshold {args.threshold}: must be between 0 and 1")
     if args.batch_size < 1:
         raise SclabelError(f"--batch-size {args.batch_size}: must be >= 1")
+    if not 0.0 <= args.min_input_genes <= args.warn_input_genes <= 1.0:
+        raise SclabelError(
+            f"--min-input-genes {args.min_input_genes} and --warn-input-genes {args.warn_input_genes}: "
+            "need 0 <= min <= warn <= 1"
+        )
     t0 = time.perf_counter()
     out, data = Path(args.out), Path(args.data)
     check_output(out, data, args.overwrite)
@@ -86,17 +111,27 @@ def main(argv: list[str] | None = None) -> int:
         f"data: {inp.path} ({inp.X.shape[0]:,} cells x {inp.X.shape[1]:,} genes, {inp.value_kind}); "
         f"model: {bundle.path} ({len(classes)} classes)"
     )
-    csr, report = match_to_vocab(
+    csr, report, present = match_to_vocab(
         inp, bundle.vocab, min_genes=args.min_matched_genes, min_fraction=args.min_matched_fraction
     )
     print(format_match_report(report))
-    print(check_value_kind(inp.X, inp.value_kind, bundle.config["tokenize"], str(inp.path)))
     # the genes the classifier was fine-tuned on (None = all): anything else was never in its input
-    csr = classifier_input(
-        csr,
-        inp.value_kind,
-        genes_from_names(bundle.vocab, bundle.config.get("input_genes"), str(bundle.path)),
-    )
+    genes = genes_from_names(bundle.vocab, bundle.config.get("input_genes"), str(bundle.path))
+    coverage = None
+    if genes is not None:
+        # The vocabulary match above can look fine while the classifier's own genes are missing. A classifier
+        # reading every gene (data.genes=all) has no such list: the vocabulary match is its check.
+        coverage = input_gene_coverage(bundle.vocab, genes, present)
+        print(
+            check_input_genes(
+                coverage,
+                warn_below=args.warn_input_genes,
+                refuse_below=args.min_input_genes,
+                where=str(inp.path),
+            )
+        )
+    print(check_value_kind(inp.X, inp.value_kind, bundle.config["tokenize"], str(inp.path)))
+    csr = classifier_input(csr, inp.value_kind, genes)
     tok_cfg = tokenize_config(bundle.config["tokenize"])
     embedding, prob = run_model(model, csr, tok_cfg, "lognorm", batch_size=args.batch_size, device=device)
     label, confidence, top_label = assign_labels(prob, classes, args.threshold)
@@ -106,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         "classes": list(classes),
         "gene_match": {k: v for k, v in report.items() if isinstance(v, int | float | str)},
     }
+    if coverage is not None:
+        uns["input_genes"] = coverage.to_dict()
     csv = write_annotated(
         inp.adata, out, label=label, confidence=confidence, top_label=top_label, embedding=embedding, uns=uns
     )

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,16 +47,25 @@ def prepare_cells(source: Path, label_key: str, use_raw: bool, out: Path, seed: 
     """Write the input's cells with a truth column and a stratified train / test split column."""
     import anndata
 
-    from sclabel_dist.annotate.splits import stratified_split
+    from sclabel_dist.annotate.splits import EVALUATE_TEST_FRACTION, stratified_split
 
-    adata = anndata.read_h5ad(source)
+    with warnings.catch_warnings():
+        # scanpy's sample predates .obsp: anndata moves its neighbour graphs there on every read and says so
+        # in a FutureWarning (twice) about a file the user cannot change; the quickstart never uses them.
+        warnings.filterwarnings(
+            "ignore", message=r"Moving element from \.uns\['neighbors'\]", category=FutureWarning
+        )
+        adata = anndata.read_h5ad(source)
     if label_key not in adata.obs:
         raise SclabelError(f"{source}: no obs column {label_key!r}; columns are {list(adata.obs.columns)}")
     if use_raw:
         # scanpy's sample keeps scaled values in X and log-normalised expression in .raw: use the latter.
         adata = anndata.AnnData(X=adata.raw.X, obs=adata.obs, var=adata.raw.var)
     labels = np.array([None if v != v else str(v) for v in adata.obs[label_key]], dtype=object)
-    split = stratified_split(labels, seed=seed, test_fraction=0.3, val_fraction=0.0, where=str(source))
+    # the quickstart measures as `sclabel evaluate` does: its stratified hold-out, never seen in training
+    split = stratified_split(
+        labels, seed=seed, test_fraction=EVALUATE_TEST_FRACTION, val_fraction=0.0, where=str(source)
+    )
     parts = np.full(adata.n_obs, "excluded", dtype=object)
     parts[split.train] = "train"
     parts[split.test] = "test"
@@ -161,15 +171,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse bad arguments before anything on disk is looked at, so the message names the real mistake."""
+    if args.data is not None and args.label_key is None:
+        raise SclabelError("--label-key is required with --data")
+    for flag, value in (
+        ("--nproc", args.nproc),
+        ("--pretrain-steps", args.pretrain_steps),
+        ("--finetune-epochs", args.finetune_epochs),
+    ):
+        if value < 1:
+            raise SclabelError(f"{flag} {value}: must be >= 1")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    out = Path(args.out)
+    check_arguments(args)
     if args.data is None:
         source, label_key, use_raw = embedded_dataset(), args.label_key or EMBEDDED_LABEL_KEY, True
-    elif args.label_key is None:
-        raise SclabelError("--label-key is required with --data")
     else:
         source, label_key, use_raw = Path(args.data), args.label_key, False
+        if not source.is_file():
+            raise SclabelError(f"{source}: no such .h5ad file")
+    out = Path(args.out)
     prepare_out_dir(out, args.overwrite)  # --overwrite deletes only what an earlier sclabel run wrote
     py, logs = sys.executable, out / "logs"
     paths = {

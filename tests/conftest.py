@@ -23,3 +23,15 @@ def _verified_shards_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     import os
 
     os.environ["SCLABEL_CACHE_DIR"] = str(tmp_path_factory.mktemp("sclabel-cache"))
+
+
+@pytest.fixture(autouse=True)
+def _run_outside_the_checkout(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every test runs in an empty directory of its own: none may read or write the working directory.
+
+    A user runs `pytest` where `sclabel quickstart` has just written runs/; a test that wrote defaults into
+    the working directory, or tripped over what was there, would fail there (issue 18).
+    """
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))

@@ -8,6 +8,7 @@ name, so prediction reads exactly the same ones.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -74,3 +75,59 @@ def genes_from_names(vocab: Any, names: list[str] | None, where: str) -> np.ndar
     if missing:
         raise SclabelError(f"{where}: input gene(s) {missing[:5]} are not in the bundle's vocabulary")
     return np.array(sorted(index[g] for g in names), dtype=np.int64)
+
+
+# `sclabel predict` defaults: a classifier that lost a tenth of its input genes changes labels measurably (issue
+# 18: 61.5% present changed 20% of a pancreas set's labels), so warn there, and refuse where most are gone.
+WARN_INPUT_GENES = 0.9
+MIN_INPUT_GENES = 0.7
+
+
+@dataclass(frozen=True)
+class InputGeneCoverage:
+    """How many of a fine-tuned classifier's input genes the data to annotate holds."""
+
+    present: int
+    total: int
+    missing: list[str]  # the absent genes' names, in the bundle's order
+
+    @property
+    def fraction(self) -> float:
+        return self.present / self.total if self.total else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"present": self.present, "total": self.total, "fraction": round(self.fraction, 6)}
+
+    def describe(self) -> str:
+        line = (
+            f"input genes: {self.present:,} of the classifier's {self.total:,} input genes are in the data "
+            f"({self.fraction:.1%})"
+        )
+        return line + (f"; missing e.g. {', '.join(self.missing[:5])}" if self.missing else "")
+
+
+def input_gene_coverage(vocab: Any, genes: np.ndarray, present: np.ndarray) -> InputGeneCoverage:
+    """Coverage of the classifier's input `genes` (vocabulary indices) by the data's matched genes `present`."""
+    held = np.isin(genes, present)
+    return InputGeneCoverage(int(held.sum()), len(genes), [vocab.genes[i] for i in genes[~held]])
+
+
+def check_input_genes(
+    coverage: InputGeneCoverage, *, warn_below: float, refuse_below: float, where: str
+) -> str:
+    """`coverage.describe()`, with a warning under `warn_below`; SclabelError under `refuse_below`.
+
+    A missing input gene reads as zero expression to the classifier, so its labels drift without any error.
+    """
+    if coverage.fraction < refuse_below:
+        raise SclabelError(
+            f"{where}: {coverage.describe()}, under the {refuse_below:.0%} this classifier needs to annotate "
+            "reliably (missing genes read as unexpressed and change its labels). Check the gene names, or "
+            "fine-tune on data with these genes; --min-input-genes lowers the bar at your own risk"
+        )
+    if coverage.fraction < warn_below:
+        return (
+            f"warning: {coverage.describe()}, under {warn_below:.0%}: missing genes read as unexpressed, and "
+            "labels may differ from those on complete data"
+        )
+    return coverage.describe()

@@ -15,8 +15,9 @@ CP10K_RANGE = (5e3, 2e4)
 
 def match_to_vocab(
     inp: Any, vocab: Any, *, min_genes: int, min_fraction: float
-) -> tuple[sp.csr_matrix, dict]:
-    """(CSR in vocabulary space, match report); refuses a match with too few genes or too little expression."""
+) -> tuple[sp.csr_matrix, dict, np.ndarray]:
+    """(CSR in vocabulary space, match report, sorted vocabulary indices of the genes the input holds);
+    refuses a match with too few genes or too little expression."""
     from sclabel_dist.vocab import remap_csr
 
     match = vocab.match(inp.var_names, ensembl=inp.ensembl)
@@ -24,14 +25,16 @@ def match_to_vocab(
     report = match.report(per_column)
     fraction = float(report.get("fraction_counts", report["fraction_genes"]))
     if report["genes_matched"] < min_genes or fraction < min_fraction:
-        examples = ", ".join(report["unmatched_examples"][:5])
+        top = [name for name, value in report.get("top_unmatched_by_counts", []) if value > 0]
+        examples = ", ".join((top or report["unmatched_examples"])[:5])
         raise SclabelError(
             f"{inp.path}: only {report['genes_matched']} of {report['genes_total']} genes match the model's "
             f"{report['vocab_genes']}-gene vocabulary, carrying {fraction:.1%} of the expression "
             f"(need >= {min_genes} genes and {min_fraction:.0%}); unmatched e.g. {examples}. Check the species "
             "and that var_names (or var['ensembl']) hold gene symbols or Ensembl IDs"
         )
-    return remap_csr(inp.X, match), report
+    present = np.sort(match.column_to_gene[match.column_to_gene >= 0])
+    return remap_csr(inp.X, match), report, present
 
 
 def format_match_report(report: dict) -> str:
@@ -43,7 +46,11 @@ def format_match_report(report: dict) -> str:
     )
     if "fraction_counts" in report:
         line += f", carrying {report['fraction_counts']:.1%} of the expression"
-    if report.get("unmatched_examples"):
+    # The most expressed unmatched genes say what is lost (a pancreas set's INS); name-order examples do not.
+    top = [name for name, value in report.get("top_unmatched_by_counts", []) if value > 0]
+    if top:
+        line += f"; unmatched, most expressed first: {', '.join(top[:5])}"
+    elif report.get("unmatched_examples"):
         line += f"; unmatched e.g. {', '.join(report['unmatched_examples'][:5])}"
     if report.get("duplicates_dropped"):
         line += f"; {report['duplicates_dropped']} duplicate columns dropped"

@@ -9,6 +9,10 @@ import numpy as np
 
 from sclabel_dist.errors import SclabelError
 
+# `sclabel evaluate`'s default held-out test part: the README baseline's stratified 70/30 split. Only evaluation
+# holds cells out by default; `sclabel finetune` trains on every labelled cell unless told otherwise.
+EVALUATE_TEST_FRACTION = 0.3
+
 SPLIT_NAMES = {
     "train": "train",
     "training": "train",

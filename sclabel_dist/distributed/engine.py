@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,32 @@ def init_distributed(device: str, env: DistEnv) -> None:
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     init_process_group(device.split(":")[0], env)
+    if device == "cpu":
+        skip_shm_comm_op()
+    # DeepSpeed 0.19's ZeRO gathers call torch.distributed.all_gather_into_tensor, which torch 2.13 deprecates
+    # for all_gather_single: a FutureWarning on every rank that names neither our code nor anything a user
+    # can change. Only that message is silenced; DeepSpeed moving to the new call makes this a no-op.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+        category=FutureWarning,
+    )
     deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl", verbose=False)
+
+
+def skip_shm_comm_op() -> None:
+    """Keep DeepSpeed's CPU backend on plain gloo instead of building its shared-memory comm op.
+
+    DeepSpeed's torch backend compiles the `deepspeed_shm_comm` C++ op with ninja the first time a process
+    group starts on the CPU accelerator (~140 s on 2 cores, again in every new environment), yet the op
+    serves only `inference_all_reduce` (DeepSpeed inference / AutoTP): training's all_reduce, all_gather and
+    reduce_scatter go to torch.distributed (gloo) with or without it (measured in benchmarks/RESULTS.md,
+    "First run"). The backend builds the op only when `deepspeed.ops.__compatible_ops__` marks it usable,
+    so marking it unusable is DeepSpeed's own switch for "no such op here".
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def build_optimizer(model: torch.nn.Module, train_cfg: Any, device: str) -> torch.optim.Optimizer:

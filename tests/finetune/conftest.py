@@ -14,6 +14,9 @@ from helpers import finetune_args, gene_names, make_bundle, make_counts, write_h
 NUM_GENES = 200
 # Few, short epochs: the end-to-end tests check plumbing and determinism, not accuracy.
 FAST = ["--train.epochs=3", "--train.patience=2", "--train.min_epochs=0"]
+# `sclabel finetune` trains on every labelled cell by default; the tests that check test metrics ask for a
+# held-out part explicitly, as a user would.
+HELD_OUT = ["--data.test_fraction=0.3"]
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +46,6 @@ def finetuned(tiny_dir: Path, tiny_h5ad: Path, tiny_bundle: Path) -> Path:
     from sclabel_dist.cli import main
 
     out = tiny_dir / "run"
-    rc = main(finetune_args(str(tiny_bundle), str(tiny_h5ad), str(out), *FAST))
+    rc = main(finetune_args(str(tiny_bundle), str(tiny_h5ad), str(out), *FAST, *HELD_OUT))
     assert rc == 0
     return out

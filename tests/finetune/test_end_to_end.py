@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST
+from conftest import FAST, HELD_OUT
 from helpers import finetune_args, gene_names, make_bundle, make_counts, write_h5ad
 
 from sclabel_dist.cli import main
@@ -43,7 +43,7 @@ def test_finetune_writes_bundle_metrics_plots_and_curves(finetuned: Path):
 
 def test_finetune_is_reproducible(tiny_dir: Path, tiny_h5ad: Path, tiny_bundle: Path, finetuned: Path):
     out = tiny_dir / "run_again"
-    assert main(finetune_args(str(tiny_bundle), str(tiny_h5ad), str(out), *FAST)) == 0
+    assert main(finetune_args(str(tiny_bundle), str(tiny_h5ad), str(out), *FAST, *HELD_OUT)) == 0
     a = json.loads((finetuned / "metrics.json").read_text())
     b = json.loads((out / "metrics.json").read_text())
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
@@ -287,12 +287,15 @@ def test_refit_retrains_on_train_and_validation_for_the_chosen_epoch_count(
     split = refit["split"]
     selection = [h for h in refit["history"] if not h.get("refit")]
     again = [h for h in refit["history"] if h.get("refit")]
-    assert "val_macro_f1" in selection[0] and len(again) == refit["best_epoch"] + 1
+    # epochs are counted from 1 wherever a user reads them: metrics.json as the printed lines
+    assert [h["epoch"] for h in selection] == list(range(1, len(selection) + 1))
+    assert "val_macro_f1" in selection[0] and len(again) == refit["best_epoch"]
     assert not any("val_macro_f1" in h for h in again)  # validation cells are training cells now
     assert refit["upsample"]["train_cells"] == split["num_train"] + split["num_val"]
 
     out = tiny_dir / "run_no_refit"
-    assert main(finetune_args(str(tiny_bundle), str(tiny_h5ad), str(out), *FAST, "--train.refit=false")) == 0
+    args = finetune_args(str(tiny_bundle), str(tiny_h5ad), str(out), *FAST, *HELD_OUT, "--train.refit=false")
+    assert main(args) == 0
     plain = json.loads((out / "metrics.json").read_text())
     assert not any(h.get("refit") for h in plain["history"])
     assert plain["upsample"]["train_cells"] == split["num_train"]
