@@ -1,12 +1,17 @@
 """Loader benchmark: our Zarr / SOMA streams vs tiledbsoma-ml and annbatch on the same synthetic atlas.
 
     python benchmarks/loader_bench.py prepare --cells 200000      # synth store + h5ad, SOMA, annbatch store
-    python benchmarks/loader_bench.py run --cells 200000          # every method, each in its own process
+    python benchmarks/loader_bench.py run --cells 200000 --out run.json   # every method, cold then warm
+    python benchmarks/loader_bench.py markdown run.json ...       # RESULTS.md rows from run JSONs
 
-Each method runs in a fresh subprocess (peak RSS is per method) and streams shuffled batches of 256:
-time to first batch (construction included), then a warm-up, then 3 timed repeats; cells/s is the median.
-annbatch needs Python 3.12: it runs in .bench/venv312 (created by `prepare`) via benchmarks/annbatch_bench.py.
-Data lives under .bench/ (git-ignored). Run under `flock /tmp/sclabel-heavy.lock` on shared machines.
+Each method runs in a fresh subprocess (peak RSS is per method) and streams shuffled batches of 256: time to
+first batch (construction included), then a warm-up, then timed repeats, every one reported with the CPU
+seconds it took, the cores the rest of the machine kept busy meanwhile and the bytes fetched from storage.
+Each method runs a cold pass (its data files evicted from the page cache) and then a warm one. The JSON holds
+the machine (cores, CPU model, load), the numba cache state and the package versions of both environments.
+annbatch needs Python 3.12: it runs in .bench/venv312 (created by `prepare` from $SCLABEL_PYTHON312, PATH or
+pyenv) via benchmarks/annbatch_bench.py. Data lives under .bench/ (git-ignored). Run under
+`flock /tmp/sclabel-heavy.lock` on shared machines, and read cells/s only where others' cores stayed near 0.
 """
 
 from __future__ import annotations
@@ -196,6 +201,14 @@ def process_stats() -> dict:
     }
 
 
+def machine_busy_s() -> float:
+    """CPU seconds every process on the machine has spent busy since boot (/proc/stat; steal counted busy:
+    a hypervisor taking the core is hidden load too)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(make_iter, warmup: int, batches: int, repeats: int, count, t0: float | None = None) -> dict:
     """Time to first batch, then cells/s of every one of `repeats` runs of `batches` batches after a warm-up.
 
@@ -211,17 +224,22 @@ def measure(make_iter, warmup: int, batches: int, repeats: int, count, t0: float
         count(next(it))
     rates, repeat_stats = [], []
     for _ in range(repeats):
-        before = process_stats()
+        before, busy = process_stats(), machine_busy_s()
         t = time.perf_counter()
         cells = sum(count(next(it)) for _ in range(batches))
         wall = time.perf_counter() - t
-        after = process_stats()
+        after, busy = process_stats(), machine_busy_s() - busy
         rates.append(cells / wall)
         cpu = sum(after[k] - before[k] for k in ("cpu_user_s", "cpu_sys_s"))
         repeat_stats.append(
             {
                 "cells_per_s": cells / wall,
+                # Cells per CPU-second of this process: its efficiency, which other load barely moves.
+                "cells_per_cpu_s": cells / cpu if cpu > 0 else None,
                 "cpu_per_wall": cpu / wall,
+                # Cores the rest of the machine kept busy meanwhile: > ~0.2 means the figure was taken under
+                # load that loadavg before the run does not show.
+                "others_cores": max(busy - cpu, 0.0) / wall,
                 "storage_read_mb": after["storage_read_mb"] - before["storage_read_mb"],
             }
         )
@@ -411,21 +429,25 @@ def run_all(args: argparse.Namespace) -> dict:
     }
     if "annbatch" in args.methods and (VENV312 / "bin" / "python").exists():
         meta["versions"]["annbatch_venv"] = _versions(str(VENV312 / "bin" / "python"), theirs)
-    results: dict = {}
-    for method in args.methods:
-        results[method] = []
-        for state in args.passes:
+    results: dict = {m: [] for m in args.methods}
+    # Rounds alternate the methods (A B C, A B C, ...): load that drifts during a run then falls on every
+    # method alike instead of on whichever ran during the busy minute.
+    for _round in range(args.rounds):
+        for method, state in [(m, s) for m in args.methods for s in args.passes]:
             r = run_pass(method, state, args)
+            r["round"] = _round
             results[method].append(r)
             if "error" in r:
                 print(f"{method} {state}: FAILED\n{r['error']}", flush=True)
                 continue
             rates = " ".join(f"{x:,.0f}" for x in r["rates"])
+            others = " ".join(f"{x['others_cores']:.1f}" for x in r["repeats"])
+            per_cpu = statistics.median(x["cells_per_cpu_s"] or 0 for x in r["repeats"])
             print(
-                f"{method:15s} {state:4s} cached {r['resident_before'] or 0:4.0%}  median {r['cells_per_s']:>9,.0f} "
-                f"cells/s  repeats [{rates}]  first batch {r['first_batch_s']:5.2f} s  "
-                f"read {r['storage_read_mb']:5.0f} MB  RSS {r['peak_rss_mb']:5,.0f} MB  "
-                f"load {r['loadavg_before'][0]:.2f}",
+                f"{method:20s} {state:4s} cached {r['resident_before'] or 0:4.0%}  median {r['cells_per_s']:>9,.0f} "
+                f"cells/s  repeats [{rates}]  {per_cpu:>9,.0f} cells/CPU-s  first batch "
+                f"{r['first_batch_s']:5.2f} s  read {r['storage_read_mb']:5.0f} MB  RSS {r['peak_rss_mb']:5,.0f} MB  "
+                f"load {r['loadavg_before'][0]:.2f}  other processes' cores [{others}]",
                 flush=True,
             )
     meta["loadavg_end"] = os.getloadavg()
@@ -449,9 +471,12 @@ def ratios(results: dict) -> dict:
         for pa, pb in zip(ra, rb, strict=False):
             if "error" in pa or "error" in pb:
                 continue
-            out[f"{name}_{pa['state']}"] = {
+            cpu_a = statistics.median(x["cells_per_cpu_s"] or 0 for x in pa["repeats"])
+            cpu_b = statistics.median(x["cells_per_cpu_s"] or 0 for x in pb["repeats"])
+            out[f"{name}_{pa['state']}_round{pa.get('round', 0)}"] = {
                 "median": pa["cells_per_s"] / pb["cells_per_s"],
                 "worst": min(pa["rates"]) / max(pb["rates"]),
+                "per_cpu_s": cpu_a / cpu_b if cpu_b else None,
             }
     return out
 
@@ -459,9 +484,9 @@ def ratios(results: dict) -> dict:
 def markdown(files: list[str]) -> str:
     """RESULTS.md rows from run JSONs: one row per method and pass, every repeat shown."""
     lines = [
-        "| run (UTC) | method | pass | cached before | cells/s median | every repeat | first batch | "
-        "storage read | CPU/wall | peak RSS | load before |",
-        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| run (UTC) | method | pass | cached before | cells/s median | every repeat | cells/CPU-s | first batch | "
+        "storage read | CPU/wall | others' cores | peak RSS | load before |",
+        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for f in files:
         run = json.loads(Path(f).read_text())
@@ -469,13 +494,17 @@ def markdown(files: list[str]) -> str:
         for method, passes in run["results"].items():
             for r in passes:
                 if "error" in r:
-                    lines.append(f"| {when} | {method} | {r['state']} | | FAILED | | | | | | |")
+                    lines.append(f"| {when} | {method} | {r['state']} | | FAILED | | | | | | | | |")
                     continue
-                cpu = "/".join(f"{x['cpu_per_wall']:.1f}" for x in r.get("repeats", []))
+                reps = r.get("repeats", [])
+                cpu = " / ".join(f"{x['cpu_per_wall']:.2f}" for x in reps)
+                others = " / ".join(f"{x['others_cores']:.1f}" for x in reps if "others_cores" in x)
+                per_cpu = [x.get("cells_per_cpu_s") or x["cells_per_s"] / x["cpu_per_wall"] for x in reps]
                 lines.append(
                     f"| {when} | {method} | {r['state']} | {100 * (r['resident_before'] or 0):.0f}% | "
                     f"{r['cells_per_s']:,.0f} | {' / '.join(f'{x:,.0f}' for x in r['rates'])} | "
-                    f"{r['first_batch_s']:.2f} s | {r['storage_read_mb']:,.0f} MB | {cpu} | "
+                    f"{statistics.median(per_cpu) if per_cpu else 0:,.0f} | "
+                    f"{r['first_batch_s']:.2f} s | {r['storage_read_mb']:,.0f} MB | {cpu} | {others} | "
                     f"{r['peak_rss_mb']:,.0f} MB | {r['loadavg_before'][0]:.2f} |"
                 )
     return "\n".join(lines)
@@ -513,6 +542,9 @@ def main() -> None:
         default=["cold", "warm"],
         choices=("cold", "warm"),
         help="cold: the method's data files evicted from the page cache first; warm: as the previous pass left it",
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="run every method's passes this many times, alternating"
     )
     ap.add_argument("--out", default="", help="write the whole run (meta, every pass and repeat) as JSON")
     ap.add_argument("files", nargs="*", help="markdown: run JSONs to tabulate")
