@@ -148,10 +148,11 @@ def data_files(method: str, cells: int) -> list[Path]:
 
 def evict(files: list[Path]) -> None:
     """Drop these files' pages from the page cache (posix_fadvise DONTNEED: no root needed, other users'
-    cached files untouched, unlike drop_caches). Clean pages only, which is all a read-only store has."""
+    cached files untouched, unlike drop_caches); resident_fraction then checks that it took."""
     for f in files:
         fd = os.open(f, os.O_RDONLY)
         try:
+            os.fdatasync(fd)  # pages still dirty (a store just written) are not dropped: write them first
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
