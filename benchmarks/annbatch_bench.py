@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
+import sys
 import time
+from pathlib import Path
 
 import zarr
+
+sys.path.insert(0, str(Path(__file__).parent))
+from loader_bench import measure  # noqa: E402
 
 zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
 
@@ -49,22 +52,8 @@ def run(collection: str, warmup: int, batches: int, repeats: int) -> dict:
         while True:
             yield from loader
 
-    it = forever()
-    next(it)
-    first = time.perf_counter() - t0
-    for _ in range(warmup):
-        next(it)
-    rates = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        cells = sum(next(it)["X"].shape[0] for _ in range(batches))
-        rates.append(cells / (time.perf_counter() - t))
-    return {
-        "cells_per_s": statistics.median(rates),
-        "rates": rates,
-        "first_batch_s": first,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
+    # The same timing and per-repeat records as ours (loader_bench.measure: stdlib only, so it imports here).
+    return measure(lambda: forever(), warmup, batches, repeats, lambda b: b["X"].shape[0], t0=t0)
 
 
 def main() -> None:

@@ -1,12 +1,17 @@
 """Loader benchmark: our Zarr / SOMA streams vs tiledbsoma-ml and annbatch on the same synthetic atlas.
 
     python benchmarks/loader_bench.py prepare --cells 200000      # synth store + h5ad, SOMA, annbatch store
-    python benchmarks/loader_bench.py run --cells 200000          # every method, each in its own process
+    python benchmarks/loader_bench.py run --cells 200000 --out run.json   # every method, cold then warm
+    python benchmarks/loader_bench.py markdown run.json ...       # RESULTS.md rows from run JSONs
 
-Each method runs in a fresh subprocess (peak RSS is per method) and streams shuffled batches of 256:
-time to first batch (construction included), then a warm-up, then 3 timed repeats; cells/s is the median.
-annbatch needs Python 3.12: it runs in .bench/venv312 (created by `prepare`) via benchmarks/annbatch_bench.py.
-Data lives under .bench/ (git-ignored). Run under `flock /tmp/sclabel-heavy.lock` on shared machines.
+Each method runs in a fresh subprocess (peak RSS is per method) and streams shuffled batches of 256: time to
+first batch (construction included), then a warm-up, then timed repeats, every one reported with the CPU
+seconds it took, the cores the rest of the machine kept busy meanwhile and the bytes fetched from storage.
+Each method runs a cold pass (its data files evicted from the page cache) and then a warm one. The JSON holds
+the machine (cores, CPU model, load), the numba cache state and the package versions of both environments.
+annbatch needs Python 3.12: it runs in .bench/venv312 (created by `prepare` from $SCLABEL_PYTHON312, PATH or
+pyenv) via benchmarks/annbatch_bench.py. Data lives under .bench/ (git-ignored). Run under
+`flock /tmp/sclabel-heavy.lock` on shared machines, and read cells/s only where others' cores stayed near 0.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,10 +39,41 @@ def paths(cells: int) -> dict[str, Path]:
     tag = f"{cells // 1000}k"
     return {
         "store": BENCH / f"store{tag}",
+        "store_preshuffled": BENCH / f"store{tag}_preshuffled",
         "h5ad": BENCH / f"synth{tag}.h5ad",
         "soma": BENCH / f"soma{tag}",
         "annbatch": BENCH / f"annbatch{tag}.zarr",
     }
+
+
+def find_python312() -> str:
+    """A Python 3.12 interpreter for annbatch's venv: $SCLABEL_PYTHON312, then PATH, then pyenv's versions.
+
+    annbatch needs 3.12 and our own venv is 3.11; machines differ in where (or whether) a 3.12 lives.
+    """
+    env = os.environ.get("SCLABEL_PYTHON312")
+    candidates = [env] if env else []
+    candidates += [shutil.which("python3.12") or ""]
+    pyenv_root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    candidates += [
+        str(p / "bin" / "python3.12") for p in sorted(pyenv_root.glob("versions/3.12*"), reverse=True)
+    ]
+    for exe in filter(None, candidates):
+        try:
+            out = subprocess.run(
+                [exe, "-c", "import sys; print(sys.version_info[:2] == (3, 12))"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+        except OSError:
+            continue
+        if out.stdout.strip() == "True":
+            return exe
+    raise SystemExit(
+        "annbatch needs Python 3.12: none found on PATH or under pyenv; set SCLABEL_PYTHON312 to one "
+        "(or pass --no-annbatch)"
+    )
 
 
 def sh(cmd: list[str], **kw) -> None:
@@ -44,7 +81,7 @@ def sh(cmd: list[str], **kw) -> None:
     subprocess.run([str(c) for c in cmd], check=True, **kw)
 
 
-def prepare(cells: int, genes: int, nnz: int, soma: bool, annbatch: bool) -> None:
+def prepare(cells: int, genes: int, nnz: int, soma: bool, annbatch: bool, preshuffled: bool = False) -> None:
     """Write the synthetic atlas once per format (same seed: the same cells in every format)."""
     p = paths(cells)
     BENCH.mkdir(exist_ok=True)
@@ -64,9 +101,25 @@ def prepare(cells: int, genes: int, nnz: int, soma: bool, annbatch: bool) -> Non
         sh([*synth, "--out", p["store"], "--quiet", "--overwrite"])
     if soma and not p["soma"].exists():
         sh(["sclabel-data", "to-soma", p["store"], "--out", p["soma"], "--quiet"])
+    if preshuffled and not (p["store_preshuffled"] / "index.json").exists():
+        # The same cells shuffled at write time (annbatch's layout): only which cells a chunk holds changes.
+        if not p["h5ad"].exists():
+            sh([*synth, "--out", p["h5ad"], "--quiet", "--overwrite"])
+        sh(
+            [
+                "sclabel-data",
+                "ingest",
+                p["h5ad"],
+                "-o",
+                p["store_preshuffled"],
+                "--shuffle",
+                "--no-progress",
+                "--overwrite",
+            ]
+        )
     if annbatch:
         if not (VENV312 / "bin" / "python").exists():
-            sh(["/root/.pyenv/versions/3.12.1/bin/python", "-m", "venv", VENV312])
+            sh([find_python312(), "-m", "venv", VENV312])
             sh([VENV312 / "bin" / "pip", "install", "-q", "annbatch", "zarrs"])
         if not p["h5ad"].exists():
             sh([*synth, "--out", p["h5ad"], "--quiet", "--overwrite"])
@@ -76,32 +129,140 @@ def prepare(cells: int, genes: int, nnz: int, soma: bool, annbatch: bool) -> Non
 
 
 # --------------------------------------------------------------------------------------------------------
+# page cache: what a method's data costs cold (first pass after eviction) and warm (the pass right after)
+
+
+def data_files(method: str, cells: int) -> list[Path]:
+    """Every file the method reads its cells from (the page-cache state of these is what a pass is run in)."""
+    p = paths(cells)
+    root = {
+        "ours_raw": p["store"],
+        "ours_raw_preshuffled": p["store_preshuffled"],
+        "ours_tokenized": p["store"],
+        "ours_soma_raw": p["soma"],
+        "tiledbsoma_ml": p["soma"],
+        "annbatch": p["annbatch"],
+    }[method]
+    return sorted(f for f in root.rglob("*") if f.is_file())
+
+
+def evict(files: list[Path]) -> None:
+    """Drop these files' pages from the page cache (posix_fadvise DONTNEED: no root needed, other users'
+    cached files untouched, unlike drop_caches); resident_fraction then checks that it took."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)  # pages still dirty (a store just written) are not dropped: write them first
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def resident_fraction(files: list[Path]) -> float | None:
+    """Fraction of the files' bytes in the page cache now (util-linux fincore), None where it is missing."""
+    if not files or not shutil.which("fincore"):
+        return None
+    res = size = 0
+    for i in range(0, len(files), 200):
+        out = subprocess.run(
+            ["fincore", "-b", "-n", "-r", "-o", "RES,SIZE", *map(str, files[i : i + 200])],
+            capture_output=True,
+            text=True,
+        )
+        for line in out.stdout.split("\n"):
+            if line.strip():
+                r, sz = line.split()[:2]
+                res, size = res + int(r), size + int(sz)
+    return res / size if size else None
+
+
+# --------------------------------------------------------------------------------------------------------
 # one method, in this process
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def process_stats() -> dict:
+    """CPU seconds, bytes this process fetched from storage (page-cache misses), peak RSS, live threads."""
+    import threading
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    io = {}
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            k, v = line.split(":")
+            io[k] = int(v)
+    except OSError:
+        pass
+    return {
+        "cpu_user_s": ru.ru_utime,
+        "cpu_sys_s": ru.ru_stime,
+        "storage_read_mb": io.get("read_bytes", 0) / 2**20,
+        "peak_rss_mb": ru.ru_maxrss / 1024,
+        "threads": threading.active_count(),
+        "os_threads": len(os.listdir("/proc/self/task")),
+    }
 
 
-def measure(make_iter, warmup: int, batches: int, repeats: int, count) -> dict:
-    """Time to first batch, then cells/s over `repeats` runs of `batches` batches after a warm-up."""
-    t0 = time.perf_counter()
+def machine_busy_s() -> float:
+    """CPU seconds every process on the machine has spent busy since boot (/proc/stat; steal counted busy:
+    a hypervisor taking the core is hidden load too)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(make_iter, warmup: int, batches: int, repeats: int, count, t0: float | None = None) -> dict:
+    """Time to first batch, then cells/s of every one of `repeats` runs of `batches` batches after a warm-up.
+
+    Each repeat also records the CPU seconds and storage bytes it took, so a slow repeat shows whether it
+    waited on the disk (cold pages) or on the CPU.
+    """
+    t0 = time.perf_counter() if t0 is None else t0  # annbatch's clock starts before its Loader is built
     it = make_iter()
     count(next(it))
     first = time.perf_counter() - t0
+    at_first = process_stats()
     for _ in range(warmup):
         count(next(it))
-    rates = []
+    rates, repeat_stats = [], []
     for _ in range(repeats):
+        before, busy = process_stats(), machine_busy_s()
         t = time.perf_counter()
         cells = sum(count(next(it)) for _ in range(batches))
-        rates.append(cells / (time.perf_counter() - t))
+        wall = time.perf_counter() - t
+        after, busy = process_stats(), machine_busy_s() - busy
+        rates.append(cells / wall)
+        cpu = sum(after[k] - before[k] for k in ("cpu_user_s", "cpu_sys_s"))
+        repeat_stats.append(
+            {
+                "cells_per_s": cells / wall,
+                # Cells per CPU-second of this process: its efficiency, which other load barely moves.
+                "cells_per_cpu_s": cells / cpu if cpu > 0 else None,
+                "cpu_per_wall": cpu / wall,
+                # Cores the rest of the machine kept busy meanwhile: > ~0.2 means the figure was taken under
+                # load that loadavg before the run does not show.
+                "others_cores": max(busy - cpu, 0.0) / wall,
+                "storage_read_mb": after["storage_read_mb"] - before["storage_read_mb"],
+            }
+        )
     return {
         "cells_per_s": statistics.median(rates),
         "rates": rates,
+        "repeats": repeat_stats,
         "first_batch_s": first,
-        "peak_rss_mb": peak_rss_mb(),
+        "first_batch_storage_read_mb": at_first["storage_read_mb"],
+        **{k: v for k, v in process_stats().items() if k not in ("cpu_user_s", "cpu_sys_s")},
+        "threads_info": thread_info(),
     }
+
+
+def thread_info() -> dict:
+    """The thread pools this process could run at once (checked against the machine's cores)."""
+    out: dict = {}
+    if "torch" in sys.modules:
+        out["torch_intra_op"] = sys.modules["torch"].get_num_threads()
+    if "numba" in sys.modules:
+        out["numba"] = sys.modules["numba"].config.NUMBA_NUM_THREADS
+    return out
 
 
 def run_ours(store: Path, tokenized: bool, args: argparse.Namespace, vocab: str = "") -> dict:
@@ -126,6 +287,7 @@ def run_ours(store: Path, tokenized: bool, args: argparse.Namespace, vocab: str 
 
     count = (lambda b: b.num_cells) if tokenized else (lambda b: b.num_rows)
     out = measure(make, args.warmup, args.batches, args.repeats, count)
+    out["threads_info"]["read_threads"] = args.threads
     holder["ds"].close()
     return out
 
@@ -160,18 +322,14 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
     p = paths(args.cells)
     if method == "ours_raw":
         return run_ours(p["store"], False, args)
+    if method == "ours_raw_preshuffled":
+        return run_ours(p["store_preshuffled"], False, args)
     if method == "ours_tokenized":
         return run_ours(p["store"], True, args)
     if method == "ours_soma_raw":
         return run_ours(p["soma"], False, args, vocab=str(p["store"] / "vocab.json"))
     if method == "tiledbsoma_ml":
         return run_soma_ml(p["soma"], args)
-    if method == "annbatch":
-        helper = Path(__file__).with_name("annbatch_bench.py")
-        cmd = [str(VENV312 / "bin" / "python"), str(helper), "run", str(p["annbatch"])]
-        cmd += ["--warmup", str(args.warmup), "--batches", str(args.batches), "--repeats", str(args.repeats)]
-        res = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        return json.loads(res.stdout.strip().splitlines()[-1])
     raise SystemExit(f"unknown method {method}")
 
 
@@ -179,35 +337,183 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
 # driver
 
 
-def run_all(args: argparse.Namespace) -> None:
-    results = {}
-    for method in args.methods:
+def _versions(python: str, names: tuple[str, ...]) -> dict:
+    code = (
+        "import json, sys, importlib.metadata as m\n"
+        "out = {'python': sys.version.split()[0]}\n"
+        f"for n in {list(names)!r}:\n"
+        "    try: out[n] = m.version(n)\n"
+        "    except m.PackageNotFoundError: pass\n"
+        "print(json.dumps(out))"
+    )
+    res = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    return json.loads(res.stdout) if res.returncode == 0 else {"error": res.stderr[-300:]}
+
+
+def numba_cache_state() -> dict:
+    """Whether the compiled kernels' cache (kernels.py, cache=True) exists before the run: a fresh clone has
+    none, and then the first process of a run compiles them (seconds, inside its first batch)."""
+    import importlib.util
+
+    cache_dir = os.environ.get("NUMBA_CACHE_DIR")
+    spec = importlib.util.find_spec("sclabel_dist")  # the package the methods import (PYTHONPATH decides)
+    package = Path(spec.origin).parent if spec and spec.origin else ROOT / "sclabel_dist"
+    where = Path(cache_dir) if cache_dir else package / "data" / "__pycache__"
+    return {"dir": str(where), "kernel_index_files": len(list(where.rglob("kernels.*.nbi")))}
+
+
+def machine() -> dict:
+    model = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    mem = Path("/proc/meminfo").read_text().split("\n")[0].split()[1]
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "-uno"], capture_output=True, text=True
+    )
+    return {
+        "cpu_model": model,
+        "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "mem_gib": round(int(mem) / 2**20, 1),
+        "kernel": os.uname().release,
+        "git_commit": commit.stdout.strip(),
+        "git_dirty": bool(dirty.stdout.strip()),
+        "thread_env": {
+            k: os.environ[k]
+            for k in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MKL_NUM_THREADS")
+            if k in os.environ
+        },
+    }
+
+
+def run_pass(method: str, state: str, args: argparse.Namespace) -> dict:
+    """One pass of one method in its own process, its data files evicted first when state is 'cold'."""
+    files = data_files(method, args.cells)
+    if state == "cold":
+        evict(files)
+    info = {"state": state, "resident_before": resident_fraction(files), "loadavg_before": os.getloadavg()}
+    if method == "annbatch":
+        helper = Path(__file__).with_name("annbatch_bench.py")
+        cmd = [str(VENV312 / "bin" / "python"), str(helper), "run", str(paths(args.cells)["annbatch"])]
+        cmd += ["--warmup", str(args.warmup), "--batches", str(args.batches), "--repeats", str(args.repeats)]
+    else:
         cmd = [sys.executable, __file__, "one", method, "--cells", str(args.cells)]
         for k in ("chunk_size", "shuffle_chunks", "threads", "read_ahead", "warmup", "batches", "repeats"):
             cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
         if not args.gene_bag:
             cmd.append("--no-gene-bag")
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            print(f"{method}: FAILED\n{res.stderr[-2000:]}", flush=True)
-            continue
-        results[method] = json.loads(res.stdout.strip().splitlines()[-1])
-        r = results[method]
-        print(
-            f"{method:16s} {r['cells_per_s']:>10,.0f} cells/s  first batch {r['first_batch_s']:6.2f} s  "
-            f"peak RSS {r['peak_rss_mb']:7,.0f} MB",
-            flush=True,
-        )
-    load = os.getloadavg()
-    meta = {"cells": args.cells, "cpus": os.cpu_count(), "loadavg": load, "time": time.strftime("%F %T")}
-    print(json.dumps(meta))
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        return {**info, "error": res.stderr[-2000:]}
+    return {**info, **json.loads(res.stdout.strip().splitlines()[-1])}
+
+
+def run_all(args: argparse.Namespace) -> dict:
+    """Every method, each cold (its data evicted from the page cache) then warm, every repeat kept."""
+    ours = ("numpy", "numba", "numcodecs", "zarr", "zarrs", "tiledbsoma", "tiledbsoma-ml", "torch", "scipy")
+    theirs = ("annbatch", "anndata", "zarr", "zarrs", "numpy", "numcodecs", "scipy")
+    meta = {
+        "time_utc": time.strftime("%F %T", time.gmtime()),
+        "cells": args.cells,
+        "batch_size": BATCH,
+        "settings": {k: getattr(args, k) for k in ("chunk_size", "shuffle_chunks", "threads", "read_ahead")},
+        "warmup": args.warmup,
+        "batches_per_repeat": args.batches,
+        "repeats": args.repeats,
+        "loadavg_start": os.getloadavg(),
+        "machine": machine(),
+        "numba_cache_before": numba_cache_state(),
+        "versions": {"ours": _versions(sys.executable, ours)},
+    }
+    if "annbatch" in args.methods and (VENV312 / "bin" / "python").exists():
+        meta["versions"]["annbatch_venv"] = _versions(str(VENV312 / "bin" / "python"), theirs)
+    results: dict = {m: [] for m in args.methods}
+    # Rounds alternate the methods (A B C, A B C, ...): load that drifts during a run then falls on every
+    # method alike instead of on whichever ran during the busy minute.
+    for _round in range(args.rounds):
+        for method, state in [(m, s) for m in args.methods for s in args.passes]:
+            r = run_pass(method, state, args)
+            r["round"] = _round
+            results[method].append(r)
+            if "error" in r:
+                print(f"{method} {state}: FAILED\n{r['error']}", flush=True)
+                continue
+            rates = " ".join(f"{x:,.0f}" for x in r["rates"])
+            others = " ".join(f"{x['others_cores']:.1f}" for x in r["repeats"])
+            per_cpu = statistics.median(x["cells_per_cpu_s"] or 0 for x in r["repeats"])
+            print(
+                f"{method:20s} {state:4s} cached {r['resident_before'] or 0:4.0%}  median {r['cells_per_s']:>9,.0f} "
+                f"cells/s  repeats [{rates}]  {per_cpu:>9,.0f} cells/CPU-s  first batch "
+                f"{r['first_batch_s']:5.2f} s  read {r['storage_read_mb']:5.0f} MB  RSS {r['peak_rss_mb']:5,.0f} MB  "
+                f"load {r['loadavg_before'][0]:.2f}  other processes' cores [{others}]",
+                flush=True,
+            )
+    meta["loadavg_end"] = os.getloadavg()
+    out = {"meta": meta, "results": results, "ratios": ratios(results)}
+    print(json.dumps(out["ratios"]))
     if args.out:
-        Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        Path(args.out).write_text(json.dumps(out, indent=1))
+    return out
+
+
+def ratios(results: dict) -> dict:
+    """The targets' ratios per pass, on medians and on the worst case (our slowest repeat / their fastest)."""
+    pairs = {
+        "raw_vs_annbatch": ("ours_raw", "annbatch"),
+        "tokenized_vs_annbatch": ("ours_tokenized", "annbatch"),
+        "soma_vs_tiledbsoma_ml": ("ours_soma_raw", "tiledbsoma_ml"),
+    }
+    out = {}
+    for name, (a, b) in pairs.items():
+        ra, rb = results.get(a, []), results.get(b, [])
+        for pa, pb in zip(ra, rb, strict=False):
+            if "error" in pa or "error" in pb:
+                continue
+            cpu_a = statistics.median(x["cells_per_cpu_s"] or 0 for x in pa["repeats"])
+            cpu_b = statistics.median(x["cells_per_cpu_s"] or 0 for x in pb["repeats"])
+            out[f"{name}_{pa['state']}_round{pa.get('round', 0)}"] = {
+                "median": pa["cells_per_s"] / pb["cells_per_s"],
+                "worst": min(pa["rates"]) / max(pb["rates"]),
+                "per_cpu_s": cpu_a / cpu_b if cpu_b else None,
+            }
+    return out
+
+
+def markdown(files: list[str]) -> str:
+    """RESULTS.md rows from run JSONs: one row per method and pass, every repeat shown."""
+    lines = [
+        "| run (UTC) | method | pass | cached before | cells/s median | every repeat | cells/CPU-s | first batch | "
+        "storage read | CPU/wall | others' cores | peak RSS | load before |",
+        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for f in files:
+        run = json.loads(Path(f).read_text())
+        when = run["meta"]["time_utc"][11:16]
+        for method, passes in run["results"].items():
+            for r in passes:
+                if "error" in r:
+                    lines.append(f"| {when} | {method} | {r['state']} | | FAILED | | | | | | | | |")
+                    continue
+                reps = r.get("repeats", [])
+                cpu = " / ".join(f"{x['cpu_per_wall']:.2f}" for x in reps)
+                others = " / ".join(f"{x['others_cores']:.1f}" for x in reps if "others_cores" in x)
+                per_cpu = [x.get("cells_per_cpu_s") or x["cells_per_s"] / x["cpu_per_wall"] for x in reps]
+                lines.append(
+                    f"| {when} | {method} | {r['state']} | {100 * (r['resident_before'] or 0):.0f}% | "
+                    f"{r['cells_per_s']:,.0f} | {' / '.join(f'{x:,.0f}' for x in r['rates'])} | "
+                    f"{statistics.median(per_cpu) if per_cpu else 0:,.0f} | "
+                    f"{r['first_batch_s']:.2f} s | {r['storage_read_mb']:,.0f} MB | {cpu} | {others} | "
+                    f"{r['peak_rss_mb']:,.0f} MB | {r['loadavg_before'][0]:.2f} |"
+                )
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=("prepare", "run", "one"))
+    ap.add_argument("command", choices=("prepare", "run", "one", "markdown"))
     ap.add_argument("method", nargs="?", default=None)
     ap.add_argument("--cells", type=int, default=200_000)
     ap.add_argument("--genes", type=int, default=20_000)
@@ -215,6 +521,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--no-soma", action="store_true")
     ap.add_argument("--no-annbatch", action="store_true")
+    ap.add_argument("--preshuffled", action="store_true", help="prepare: also a store shuffled at write time")
     ap.add_argument("--chunk-size", type=int, default=256)
     ap.add_argument("--shuffle-chunks", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
@@ -230,12 +537,25 @@ def main() -> None:
     # repeat holds exactly one of its reads, as in its steady state, and 8 of our 8,192-cell windows.
     ap.add_argument("--batches", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default="")
+    ap.add_argument(
+        "--passes",
+        nargs="+",
+        default=["cold", "warm"],
+        choices=("cold", "warm"),
+        help="cold: the method's data files evicted from the page cache first; warm: as the previous pass left it",
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="run every method's passes this many times, alternating"
+    )
+    ap.add_argument("--out", default="", help="write the whole run (meta, every pass and repeat) as JSON")
+    ap.add_argument("files", nargs="*", help="markdown: run JSONs to tabulate")
     args = ap.parse_args()
     if args.command == "prepare":
-        prepare(args.cells, args.genes, args.nnz, not args.no_soma, not args.no_annbatch)
+        prepare(args.cells, args.genes, args.nnz, not args.no_soma, not args.no_annbatch, args.preshuffled)
     elif args.command == "run":
         run_all(args)
+    elif args.command == "markdown":
+        print(markdown([args.method, *args.files]))
     else:
         print(json.dumps(run_method(args.method, args)))
 

@@ -60,6 +60,49 @@ def test_direct_reads_equal_zarr(tmp_path, dtype, shuffle):
         np.testing.assert_array_equal(out, arr[lo:hi], err_msg=f"[{lo}:{hi}]")
 
 
+def test_will_need_hints_exactly_the_stored_bytes_of_a_slice(tmp_path, monkeypatch):
+    """The cold-read hint covers, per shard file, the stored chunks a read of [lo, hi) decodes, and no more."""
+    import os
+
+    values = np.arange(1, 1001, dtype="uint16")
+    values[64:128] = 0  # an unwritten inner chunk: nothing to hint
+    values[512:768] = 0  # an absent shard file: no hint, no error
+    _array(tmp_path / "a", values, shuffle="shuffle")
+    fast = open_sharded(tmp_path / "a")
+    hints = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(
+        os,
+        "posix_fadvise",
+        lambda fd, off, n, advice: hints.append((os.readlink(f"/proc/self/fd/{fd}"), off, n)),
+    )
+    for lo, hi in [(0, 1000), (70, 130), (100, 900), (600, 700), (999, 1000), (5, 5)]:
+        hints.clear()
+        fast.will_need(lo, hi)
+        want = []
+        for s in range(lo // 256, (hi - 1) // 256 + 1 if hi > lo else lo // 256):
+            index = fast._shard_index(s)
+            if index is None:
+                continue
+            c0, c1 = max(lo - 256 * s, 0) // 64, (min(hi, 256 * (s + 1)) - 1 - 256 * s) // 64 + 1
+            stored = index[c0:c1][index[c0:c1, 0] != _EMPTY]
+            if len(stored):
+                start = int(stored[:, 0].min())
+                want.append(
+                    (
+                        str(tmp_path / "a" / "c" / str(s)),
+                        start,
+                        int((stored[:, 0] + stored[:, 1]).max()) - start,
+                    )
+                )
+        assert hints == want, (lo, hi)
+    monkeypatch.setattr(os, "posix_fadvise", real)
+    out = np.empty(1000, dtype="uint16")
+    fast.will_need(0, 1000)
+    fast.read_into(0, 1000, out)
+    np.testing.assert_array_equal(out, values)
+
+
 def test_other_layouts_are_left_to_zarr(tmp_path):
     values = np.arange(300, dtype=np.uint16)
     _array(tmp_path / "unsharded", values, shard=None)

@@ -121,6 +121,30 @@ class ShardedArray:
                     dst[:] = scratch[a - e0 : b - e0]
             pos = end
 
+    def will_need(self, lo: int, hi: int) -> None:
+        """Start reading the stored bytes of elements [lo, hi) into the page cache, asynchronously.
+
+        A cold read is one blocking pread per slice, so a reader thread has one request in flight and waits
+        on each; this hint queues every slice of a window at once (read_into then finds them cached)."""
+        pos = lo
+        while pos < hi:
+            s = pos // self.shard
+            base = s * self.shard
+            end = min(hi, base + self.shard)
+            index = self._shard_index(s)
+            if index is not None:
+                rows = index[(pos - base) // self.chunk : (end - 1 - base) // self.chunk + 1]
+                rows = rows[rows[:, 0] != _EMPTY]
+                if len(rows):
+                    start = int(rows[:, 0].min())
+                    span = int((rows[:, 0] + rows[:, 1]).max()) - start
+                    fd = os.open(self.path / self._key.format(s), os.O_RDONLY)
+                    try:
+                        os.posix_fadvise(fd, start, span, os.POSIX_FADV_WILLNEED)
+                    finally:
+                        os.close(fd)
+            pos = end
+
     def _read_stored(self, s: int, offsets: np.ndarray, nbytes: np.ndarray) -> tuple[np.ndarray, int]:
         """The bytes spanning the given stored chunks of shard file s, and the file offset they start at."""
         if len(offsets) == 0:

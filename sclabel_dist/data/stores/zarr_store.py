@@ -107,6 +107,7 @@ class ZarrCellStore:
         indptr = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(lengths, out=indptr[1:])
         if all(isinstance(self._arrays[s][0], ShardedArray) for s, _, _ in slices):
+            self._will_need(slices)
             indices, data = (self._read_direct(slices, k, int(indptr[-1])) for k in (0, 1))
         else:
             parts = _gather([(self._arrays[s][k], lo, hi) for s, lo, hi in slices for k in (0, 1)])
@@ -114,6 +115,13 @@ class ZarrCellStore:
             indices = np.concatenate(parts[0::2])
             data = np.concatenate(parts[1::2])
         return CSRBlock(indptr, indices, data, lognorm_flags(self._kinds, rows), self.num_genes)
+
+    def _will_need(self, slices: list[tuple[int, int, int]]) -> None:
+        """Queue the reads of every slice before decoding the first: on a cold page cache the disk then works
+        on all of them at once while this thread decodes, instead of one blocking pread at a time."""
+        for s, lo, hi in slices:
+            for array in self._arrays[s]:
+                array.will_need(lo, hi)
 
     def _read_direct(self, slices: list[tuple[int, int, int]], k: int, total: int) -> np.ndarray:
         """Array k (0 indices, 1 data) over the element slices, decoded into one array (dtypes promoted)."""
