@@ -182,7 +182,8 @@ def train_classifier(
                 if key not in ("epoch", "step"):
                     writer.add_scalar(f"{tag}/{key}", value, epoch)
             writer.add_scalar(f"{tag}/lr", optimizer.param_groups[0]["lr"], epoch)
-        log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        shown = {**record, "epoch": epoch + 1}  # users count epochs from 1; records stay 0-based
+        log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
         if score > best_score:
             best_score, best_epoch, bad = score, epoch, 0
             best_val = {k: v for k, v in record.items() if k.startswith("val_")}
@@ -192,7 +193,7 @@ def train_classifier(
             if bad >= cfg.patience and epoch + 1 >= cfg.min_epochs:
                 log(
                     f"early stop: no better validation macro-F1 (or equal with lower loss) for {cfg.patience} epochs "
-                    f"(best epoch {best_epoch})"
+                    f"(best epoch {best_epoch + 1})"
                 )
                 break
     else:

@@ -66,5 +66,7 @@ def test_epochs_are_counted_from_one_in_what_finetune_prints_and_writes(tiny_bun
     assert max(selection, key=lambda h: (h["val_macro_f1"], -h["val_loss"]))["epoch"] == best
     refit = re.search(r"refit: .* for (\d+) epochs", proc.stdout)
     assert refit and int(refit.group(1)) == best
+    lines = re.findall(r"^epoch (\d+) step", proc.stdout, flags=re.M)  # the per-epoch lines printed
+    assert lines and lines[0] == "1" and "epoch 0 " not in proc.stdout
     assert f"best epoch: {best};" in (out / "model" / "README.md").read_text()
     assert json.loads((out / "model" / "config.json").read_text())["finetune"]["best_epoch"] == best
