@@ -18,10 +18,12 @@ import torch
 import torch.distributed as dist
 
 from sclabel_dist.bundle import load_bundle
-from sclabel_dist.checkpoint import find_resume, load_checkpoint, save_checkpoint
+from sclabel_dist.checkpoint import find_verified_resume, load_checkpoint, save_checkpoint
 from sclabel_dist.config import PretrainConfig, load_config, to_dict
 from sclabel_dist.distributed.ds_config import build_deepspeed_config
 from sclabel_dist.distributed.env import prepare_process, read_dist_env
+from sclabel_dist.distributed.lifeline import die_with_parent
+from sclabel_dist.distributed.run_lock import lock_run
 from sclabel_dist.errors import SclabelError
 from sclabel_dist.metrics import MetricsLogger, StepTimer, peak_flops, peak_memory_gb
 from sclabel_dist.model.args import build_model_args, count_params, flops_per_token
@@ -38,11 +40,16 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- processes: DS_ACCELERATOR=cpu + gloo without a GPU; deepspeed is imported only after that -----------
     env = read_dist_env()
+    if env.under_torchrun:
+        die_with_parent()  # a SIGKILLed agent must not leave its workers training on as orphans
     device = prepare_process(env)
     from sclabel_dist.data.dataset import build_dataset
     from sclabel_dist.distributed import engine as ds
 
     ds.init_distributed(device, env)
+    lock_run(cfg.checkpoint.dir, env.rank)  # one run per checkpoint directory, before anything is written
+    # the newest checkpoint whose files match the checksums saved with them (a corrupt one is skipped, logged)
+    resume_from = find_verified_resume(cfg.checkpoint.dir, cfg.checkpoint.resume, env.rank, env.world_size)
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
 
     # -- data -------------------------------------------------------------------------------------------------
@@ -81,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- resume: model, optimizer, scheduler, RNG and the loader's position in its epoch -----------------------
     step = 0
-    resume_from = find_resume(cfg.checkpoint.dir, cfg.checkpoint.resume)
     if resume_from is not None:
         state = load_checkpoint(engine, resume_from, env.rank)
         if state["vocab_hash"] != vocab.hash:
