@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -331,20 +332,46 @@ def read_state(path: str | Path) -> dict[str, Any]:
 
 
 def load_checkpoint(engine: Any, path: str | Path, rank: int) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler (DeepSpeed) and this rank's RNG; returns the saved train state."""
+    """Collective: restore model, optimizer, scheduler (DeepSpeed) and this rank's RNG; returns the train state.
+
+    Another world size under ZeRO 1-3 loads the step's universal copy: ZeRO shards the optimizer state by
+    data-parallel rank, and only the universal format can be re-sharded. Rank 0 converts it once (cached in
+    the step), the others wait. ZeRO 0 needs none: its checkpoint is not sharded by rank.
+    """
+    import torch.distributed as dist
+
     from sclabel_dist.distributed import engine as ds
 
     path = Path(path)
     state = read_state(path)
     world, stage = engine.dp_world_size, engine.zero_optimization_stage()
     if state.get("world_size", world) != world and stage > 0:
-        # ZeRO shards the optimizer state by data-parallel rank; DeepSpeed cannot re-shard it on load
-        raise SclabelError(
-            f"{path}: saved by {state['world_size']} ranks with ZeRO {stage}, resumed with {world}; resume "
-            f"with {state['world_size']} ranks, or export it and start a new run with train.init_from=BUNDLE"
-        )
-    ds.load_checkpoint(engine, path.parent, path.name)
-    load_rng(path / "rng", rank)
+        error = None
+        if rank == 0:
+            from sclabel_dist.universal import convert_to_universal
+
+            try:
+                t0 = time.perf_counter()
+                convert_to_universal(path)
+                print(
+                    f"checkpoint: {path} as a universal checkpoint in {time.perf_counter() - t0:.2f}s",
+                    flush=True,
+                )
+            except (OSError, RuntimeError) as exc:
+                error = (
+                    f"{path}: conversion to a universal checkpoint failed: {describe_write_error(path, exc)}"
+                )
+        errors = [e for e in _all_gather(error) if e]
+        if errors:
+            raise SclabelError(errors[0])
+        ds.load_checkpoint(engine, path, UNIVERSAL, universal=True)
+    else:
+        ds.load_checkpoint(engine, path.parent, path.name)
+    if not load_rng(path / "rng", rank):
+        # a rank that did not exist when this was saved: a seed derived from (seed, step, rank), not rank 0's
+        seed = int(state.get("config", {}).get("train", {}).get("seed", 0))
+        torch.manual_seed(seed * 1_000_003 + int(state["step"]) * 1_009 + rank)
+    _barrier(dist)
     return state
 
 

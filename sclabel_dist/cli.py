@@ -1,4 +1,4 @@
-"""The `sclabel` command: export, finetune, predict, evaluate, quickstart."""
+"""The `sclabel` command: export, convert-checkpoint, finetune, predict, evaluate, quickstart."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ from sclabel_dist.cli_common import dispatch
 
 COMMANDS = {
     "export": ("sclabel_dist.export", "consolidate a DeepSpeed checkpoint into a shareable bundle"),
+    "convert-checkpoint": (
+        "sclabel_dist.universal",
+        "convert a ZeRO checkpoint to DeepSpeed's universal format (resume on another world size)",
+    ),
     "finetune": ("sclabel_dist.finetune", "fine-tune a bundle on a labelled .h5ad"),
     "predict": ("sclabel_dist.predict", "annotate an .h5ad with a fine-tuned bundle"),
     "evaluate": ("sclabel_dist.evaluate", "fine-tune and test against the logistic-regression baseline"),

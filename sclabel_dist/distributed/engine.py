@@ -95,18 +95,49 @@ def save_checkpoint(
     return failed[0] if failed else None
 
 
-def load_checkpoint(engine, root: str | Path, tag: str) -> dict[str, Any]:
+def load_checkpoint(engine, root: str | Path, tag: str, universal: bool = False) -> dict[str, Any]:
     """Restore model, optimizer and scheduler of `tag`; returns the client state saved with it.
 
     Every file is unpickled with weights_only=True (safe_load.py): a crafted checkpoint cannot run code.
+    `universal`: `tag` is a universal checkpoint (another world size). DeepSpeed reads that switch from the
+    engine's config at load time; it is set for this load only, because a config that keeps it also changes
+    how later saves are written (DeepSpeed #7546).
     """
-    with weights_only_loads():
-        path, client_state = engine.load_checkpoint(
-            str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+    config = engine._config
+    config.load_universal_checkpoint = universal
+    try:
+        with weights_only_loads():
+            path, client_state = engine.load_checkpoint(
+                str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+    finally:
+        config.load_universal_checkpoint = False
     if path is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {root}")
     return client_state or {}
+
+
+def convert_universal(step_dir: Path, out_dir: Path) -> None:
+    """DeepSpeed's ds_to_universal of ZeRO 1-3 checkpoint `step_dir` into `out_dir` (serial: no worker pool).
+
+    inject_missing_state: a plain (non-Megatron) model's ZeRO-1/2 checkpoint lacks the universal-checkpoint
+    info that the converter asserts on; it is only a version marker, added in memory (the input is not edited).
+    """
+    from argparse import Namespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    args = Namespace(
+        input_folder=str(step_dir),
+        output_folder=str(out_dir),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
+    with weights_only_loads():
+        ds_to_universal(args)
 
 
 def consolidate_checkpoint(root: str | Path, tag: str) -> dict[str, torch.Tensor]:

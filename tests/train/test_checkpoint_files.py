@@ -8,6 +8,7 @@ import pytest
 
 from sclabel_dist.checkpoint import (
     COMPLETE,
+    UNIVERSAL,
     checkpoint_tag,
     find_resume,
     find_verified_resume,
@@ -90,3 +91,18 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path, caps
         (tmp_path / checkpoint_tag(step) / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"f")
     with pytest.raises(SclabelError, match="no complete checkpoint verifies"):
         find_verified_resume(tmp_path, "auto")
+
+
+def test_a_universal_copy_is_part_of_its_step(tmp_path):
+    """Checksums of a step leave its universal copy (own SHA256SUMS) and killed conversions aside; rotation
+    removes the copy with its step."""
+    for step in (10, 20):
+        write_checksums(fake_ckpt(tmp_path, step), rank=0, world=1)
+    old = tmp_path / checkpoint_tag(10)
+    (old / UNIVERSAL / "zero").mkdir(parents=True)
+    (old / UNIVERSAL / "zero" / "fp32.pt").write_bytes(b"u")
+    (old / f".{UNIVERSAL}.tmp123").mkdir()
+    (old / f".{UNIVERSAL}.tmp123" / "half.pt").write_bytes(b"h")
+    assert verify_checkpoint(old) == []
+    rotate(tmp_path, keep=1)
+    assert not old.exists() and [p.name for p in list_complete(tmp_path)] == [checkpoint_tag(20)]
