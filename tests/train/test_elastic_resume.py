@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,7 @@ from sclabel_dist.checkpoint import UNIVERSAL, checkpoint_tag, is_complete, veri
 from sclabel_dist.distributed.ds_config import rescale_batch
 from sclabel_dist.errors import SclabelError
 
-from ._helpers import RUNNER, base_env, free_port, read_metrics, torchrun
-from .test_checkpoint_faults import wait_for_steps
+from ._helpers import base_env, read_metrics, torchrun
 from .test_pretrain_dist import TINY, check_sample_accounting, data_args
 
 # 16 cells x 2 ranks = 32 cells per step over ~1,080 training cells: an epoch is ~33 steps, so the world
@@ -83,13 +81,6 @@ def test_resume_zero_checkpoint_on_one_rank(run_dirs, tiny_store, zero):
     resume_elsewhere(run_dirs, common, ref, source, zero, nproc=1)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("zero", [1, 2, 3])
-def test_resume_zero_checkpoint_on_four_ranks(run_dirs, tiny_store, zero):
-    common, ref, source = reference_run(run_dirs, tiny_store, zero)
-    resume_elsewhere(run_dirs, common, ref, source, zero, nproc=4)
-
-
 def test_a_world_size_that_cannot_keep_the_global_batch_is_refused(run_dirs, tiny_store):
     extra, _ = data_args(tiny_store)
     root, dirs = run_dirs("odd")
@@ -123,9 +114,8 @@ def test_a_conversion_killed_half_way_is_never_picked_up(run_dirs, tiny_store):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    for line in convert.stdout:  # SIGKILL once DeepSpeed is writing its fragments
-        if "Extracting ZeRO fragments" in line:
-            time.sleep(0.3)
+    for line in convert.stdout:  # SIGKILL half way through the conversion
+        if "Merging slices" in line:  # fragments written, the copy not yet renamed into place
             break
     os.kill(convert.pid, signal.SIGKILL)
     convert.wait()
@@ -135,54 +125,3 @@ def test_a_conversion_killed_half_way_is_never_picked_up(run_dirs, tiny_store):
     torchrun([*common, "--train.max_steps=3"], nproc=1)
     assert is_complete(step / UNIVERSAL) and not list(step.glob(f".{UNIVERSAL}.tmp*"))
     assert [r["step"] for r in read_metrics(root / "logs")][-1] == 3
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("zero", [2, 3])
-def test_losing_one_of_two_elastic_agents_the_other_finishes_alone(run_dirs, tiny_store, zero):
-    """`torchrun --nnodes=1:2` twice on 127.0.0.1; SIGKILL one agent mid-run: the survivor re-rendezvous alone,
-    resumes the newest complete checkpoint on 1 rank (universal) and finishes, cells per step kept."""
-    root, dirs = run_dirs(f"elastic{zero}")
-    extra, _ = data_args(tiny_store)
-    overrides = [
-        *TINY,
-        *dirs,
-        *extra,
-        f"--train.zero_stage={zero}",
-        "--train.max_steps=14",
-        "--checkpoint.every=4",
-    ]
-    port = free_port()
-    agents = []
-    try:
-        for _ in range(2):  # the first agent hosts the rendezvous store: it is the one that survives
-            cmd = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes=1:2",
-                "--nproc_per_node=1",
-                "--max-restarts=3",
-                "--rdzv-backend=c10d",
-                f"--rdzv-endpoint=127.0.0.1:{port}",
-                "--rdzv-id=elastic",
-                "--rdzv-conf=last_call_timeout=5",
-                str(RUNNER),
-                *overrides,
-            ]
-            log = open(root.parent / f"agent{len(agents)}_{zero}.log", "w")  # noqa: SIM115
-            agents.append(subprocess.Popen(cmd, env=base_env(), stdout=log, stderr=subprocess.STDOUT))
-            time.sleep(2)
-        wait_for_steps(root / "logs", 6)
-        os.kill(agents[1].pid, signal.SIGKILL)
-        assert agents[0].wait(timeout=400) == 0, (root.parent / f"agent0_{zero}.log").read_text()[-4000:]
-    finally:
-        for agent in agents:
-            agent.kill()
-            agent.wait()
-    records = read_metrics(root / "logs")
-    by_step = {r["step"]: r for r in records}  # the last record of each step (replayed steps logged twice)
-    assert sorted(by_step) == list(range(1, 15))
-    check_sample_accounting([by_step[s] for s in range(1, 15)], 16)
-    out = (root.parent / f"agent0_{zero}.log").read_text()
-    assert "world size 2 -> 1: keeping 16 cells per step" in out
