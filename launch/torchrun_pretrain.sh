@@ -4,6 +4,9 @@
 #   launch/torchrun_pretrain.sh                                   # debug config, all local GPUs (or 2 CPU procs)
 #   CONFIG=configs/pretrain/lung_100k.yaml NPROC=8 launch/torchrun_pretrain.sh
 #   MAX_RESTARTS=3 launch/torchrun_pretrain.sh --train.max_steps=500 --checkpoint.every=100
+#   # elastic, on each of up to 4 nodes: the run goes on with 2 to 4 nodes; when a node is lost the survivors
+#   # re-rendezvous, resume the newest complete checkpoint on the smaller world and keep cells per step
+#   NNODES=2:4 MAX_RESTARTS=3 RDZV_ENDPOINT=node0:29500 RDZV_ID=job42 launch/torchrun_pretrain.sh
 #
 # Extra arguments are config overrides (--section.key=value). Restarts resume from the newest complete checkpoint.
 set -euo pipefail
@@ -14,12 +17,16 @@ if [[ -z "${NPROC:-}" ]]; then                            # processes: GPUs if a
 fi
 MAX_RESTARTS="${MAX_RESTARTS:-0}"                          # torchrun restarts after a worker failure
 MASTER_PORT="${MASTER_PORT:-29500}"                        # rendezvous port on this host
+NNODES="${NNODES:-1}"                                      # nodes, or MIN:MAX for an elastic run
+RDZV_ENDPOINT="${RDZV_ENDPOINT:-127.0.0.1:$MASTER_PORT}"   # c10d rendezvous host:port (one of the nodes)
+RDZV_ID="${RDZV_ID:-sclabel}"                              # same on every node of one run
 OMP_THREADS="${OMP_THREADS:-1}"                            # CPU threads per process
 PYTHON="${PYTHON:-python}"                                 # interpreter of the environment with sclabel-dist
 
 export OMP_NUM_THREADS="$OMP_THREADS"
 exec "$PYTHON" -m torch.distributed.run \
+  --nnodes="$NNODES" \
   --nproc_per_node="$NPROC" \
   --max-restarts="$MAX_RESTARTS" \
-  --rdzv-backend=c10d --rdzv-endpoint="127.0.0.1:$MASTER_PORT" \
+  --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="$RDZV_ID" \
   -m sclabel_dist.pretrain --config "$CONFIG" "$@"

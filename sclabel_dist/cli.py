@@ -1,4 +1,4 @@
-"""The `sclabel` command: export, init-bundle, finetune, predict, evaluate, quickstart."""
+"""The `sclabel` command: export, convert-checkpoint, init-bundle, finetune, predict, evaluate, quickstart."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ from sclabel_dist.cli_common import dispatch
 
 COMMANDS = {
     "export": ("sclabel_dist.export", "consolidate a DeepSpeed checkpoint into a shareable bundle"),
+    "convert-checkpoint": (
+        "sclabel_dist.universal",
+        "convert a ZeRO checkpoint to DeepSpeed's universal format (resume on another world size)",
+    ),
     "init-bundle": (
         "sclabel_dist.init_bundle",
         "write a fresh-weight bundle of a model (the from-scratch arm)",

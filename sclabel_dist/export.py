@@ -7,18 +7,28 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sclabel_dist.checkpoint import STATE_FILE, VOCAB_FILE, find_resume, is_complete, read_state
+from sclabel_dist.checkpoint import (
+    STATE_FILE,
+    VOCAB_FILE,
+    find_verified_resume,
+    is_complete,
+    read_state,
+    verify_checkpoint,
+)
 from sclabel_dist.errors import SclabelError
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A complete step directory, or the newest complete one under a checkpoint root."""
+    """A complete step directory whose files match their checksums, or the newest such one under a root."""
     path = Path(path)
     if is_complete(path):
+        problems = verify_checkpoint(path)
+        if problems:
+            raise SclabelError(f"{path}: checkpoint fails verification: {problems[0]}")
         return path
     if not path.is_dir():
         raise SclabelError(f"{path}: checkpoint directory not found")
-    found = find_resume(path, "auto")
+    found = find_verified_resume(path, "auto")
     if found is None:
         if (path / STATE_FILE).is_file():
             raise SclabelError(f"{path}: checkpoint is incomplete (its save never finished)")

@@ -18,10 +18,12 @@ import torch
 import torch.distributed as dist
 
 from sclabel_dist.bundle import load_bundle
-from sclabel_dist.checkpoint import find_resume, load_checkpoint, save_checkpoint
+from sclabel_dist.checkpoint import find_verified_resume, load_checkpoint, read_state, save_checkpoint
 from sclabel_dist.config import PretrainConfig, load_config, to_dict
-from sclabel_dist.distributed.ds_config import build_deepspeed_config
+from sclabel_dist.distributed.ds_config import build_deepspeed_config, rescale_batch
 from sclabel_dist.distributed.env import prepare_process, read_dist_env
+from sclabel_dist.distributed.lifeline import die_with_parent
+from sclabel_dist.distributed.run_lock import lock_run
 from sclabel_dist.errors import SclabelError
 from sclabel_dist.metrics import MetricsLogger, StepTimer, peak_flops, peak_memory_gb
 from sclabel_dist.model.args import build_model_args, count_params, flops_per_token
@@ -38,11 +40,18 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- processes: DS_ACCELERATOR=cpu + gloo without a GPU; deepspeed is imported only after that -----------
     env = read_dist_env()
+    if env.under_torchrun:
+        die_with_parent()  # a SIGKILLed agent must not leave its workers training on as orphans
     device = prepare_process(env)
     from sclabel_dist.data.dataset import build_dataset
     from sclabel_dist.distributed import engine as ds
 
     ds.init_distributed(device, env)
+    lock_run(cfg.checkpoint.dir, env.rank)  # one run per checkpoint directory, before anything is written
+    # the newest checkpoint whose files match the checksums saved with them (a corrupt one is skipped, logged)
+    resume_from = find_verified_resume(cfg.checkpoint.dir, cfg.checkpoint.resume, env.rank, env.world_size)
+    if resume_from is not None:
+        keep_global_batch(cfg, read_state(resume_from), env)
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
 
     # -- data -------------------------------------------------------------------------------------------------
@@ -81,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- resume: model, optimizer, scheduler, RNG and the loader's position in its epoch -----------------------
     step = 0
-    resume_from = find_resume(cfg.checkpoint.dir, cfg.checkpoint.resume)
     if resume_from is not None:
+        t0 = time.perf_counter()
         state = load_checkpoint(engine, resume_from, env.rank)
+        resume_s = time.perf_counter() - t0
         if state["vocab_hash"] != vocab.hash:
             raise SclabelError(f"{resume_from}: checkpoint vocabulary differs from the data's vocabulary")
         train_data.load_state_dict(state["loader"])
@@ -98,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"pretrain: {count_params(model_args) / 1e6:.2f}M params ({model_args.dim}x{model_args.depth}), "
             f"{len(vocab)} genes, world {env.world_size}, ZeRO {tc.zero_stage}, {tc.precision}, {device}, "
-            f"{where} at step {step}",
+            f"{where} at step {step}" + (f" ({resume_s:.2f}s to load)" if resume_from else ""),
             flush=True,
         )
 
@@ -156,7 +166,12 @@ def main(argv: list[str] | None = None) -> int:
                 "model_args": model_args.to_dict(),
                 "vocab_hash": vocab.hash,
             }
-            save_checkpoint(engine, cfg.checkpoint.dir, step, state, vocab, env.rank, cfg.checkpoint.keep)
+            t0 = time.perf_counter()
+            path = save_checkpoint(
+                engine, cfg.checkpoint.dir, step, state, vocab, env.rank, cfg.checkpoint.keep
+            )
+            if env.is_main:
+                print(f"checkpoint: saved {path} in {time.perf_counter() - t0:.2f}s", flush=True)
 
     # -- done -------------------------------------------------------------------------------------------------
     train_data.close()
@@ -166,6 +181,24 @@ def main(argv: list[str] | None = None) -> int:
     dist.barrier()
     dist.destroy_process_group()
     return 0
+
+
+def keep_global_batch(cfg: PretrainConfig, saved: dict, env) -> None:
+    """Resuming on another world size: rescale micro-batch and accumulation (in `cfg`) so that cells per
+    optimizer step stay what the checkpoint trained with; the LR schedule and the loader's place depend on it."""
+    saved_cfg, saved_world = saved.get("config", {}), int(saved.get("world_size", env.world_size))
+    if saved_world == env.world_size:
+        return
+    micro = int(saved_cfg.get("data", {}).get("batch_size", cfg.data.batch_size))
+    accum = int(saved_cfg.get("train", {}).get("grad_accum", cfg.train.grad_accum))
+    global_batch = micro * accum * saved_world
+    cfg.data.batch_size, cfg.train.grad_accum = rescale_batch(global_batch, micro, env.world_size)
+    if env.is_main:
+        print(
+            f"pretrain: world size {saved_world} -> {env.world_size}: keeping {global_batch} cells per step as "
+            f"{cfg.data.batch_size} cells x {cfg.train.grad_accum} micro-batches x {env.world_size} ranks",
+            flush=True,
+        )
 
 
 def validate(engine, val_data, num_batches: int, device: str) -> dict[str, float]:

@@ -59,3 +59,18 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: fl
     span = max(1, max_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def rescale_batch(global_batch: int, micro_batch: int, world_size: int) -> tuple[int, int]:
+    """(micro-batch, gradient accumulation) that keep `global_batch` cells per optimizer step on `world_size`
+    ranks: the largest micro-batch not above `micro_batch` (memory per rank stays within what ran before)
+    that divides each rank's share. No integer split: a SclabelError naming the world sizes that work."""
+    if global_batch % world_size:
+        fits = [w for w in range(1, global_batch + 1) if global_batch % w == 0]
+        raise SclabelError(
+            f"the global batch of {global_batch} cells per optimizer step cannot be split over {world_size} "
+            f"ranks; world sizes that keep it: {', '.join(map(str, fits))}"
+        )
+    per_rank = global_batch // world_size
+    micro = max(m for m in range(1, min(micro_batch, per_rank) + 1) if per_rank % m == 0)
+    return micro, per_rank // micro

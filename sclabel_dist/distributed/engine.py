@@ -12,6 +12,7 @@ import torch
 
 from sclabel_dist.distributed.ds_config import warmup_cosine
 from sclabel_dist.distributed.env import DistEnv, init_process_group
+from sclabel_dist.distributed.safe_load import weights_only_loads
 
 
 def init_distributed(device: str, env: DistEnv) -> None:
@@ -79,19 +80,90 @@ def build_engine(model: torch.nn.Module, train_cfg: Any, ds_config: dict[str, An
     return engine
 
 
-def save_checkpoint(engine, root: str | Path, tag: str, client_state: dict[str, Any]) -> None:
-    """DeepSpeed shards for `tag` under `root`; all ranks must call. Our own `latest` is written by checkpoint.py."""
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+def save_checkpoint(
+    engine, root: str | Path, tag: str, client_state: dict[str, Any]
+) -> tuple[str, Exception] | None:
+    """DeepSpeed shards for `tag` under `root`; all ranks must call. Our own `latest` is written by checkpoint.py.
+
+    Returns the first failed write of this rank (file, exception), or None. A failed write is caught inside
+    DeepSpeed's checkpoint engine rather than raised, so that this rank still reaches DeepSpeed's closing
+    barrier and the ranks can agree on the failure afterwards (a rank raising alone would hang the others).
+    """
+    failed: list[tuple[str, Exception]] = []
+    writer = engine.checkpoint_engine
+    save_file = writer.save
+
+    def save(state_dict: Any, path: str) -> None:
+        if failed:
+            return  # the filesystem already failed: write nothing more, the step is discarded anyway
+        try:
+            save_file(state_dict, path)
+        except (OSError, RuntimeError) as exc:  # torch.save reports ENOSPC as a RuntimeError
+            failed.append((path, exc))
+
+    copy_script = getattr(engine, "_copy_recovery_script", None)
+
+    def copy_recovery_script(save_path: str) -> None:
+        try:
+            copy_script(save_path)
+        except OSError as exc:
+            failed.append((save_path, exc))
+
+    writer.save = save
+    if copy_script is not None:
+        engine._copy_recovery_script = copy_recovery_script
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    finally:
+        del writer.save  # back to the class's method
+        if copy_script is not None:
+            del engine._copy_recovery_script
+    return failed[0] if failed else None
 
 
-def load_checkpoint(engine, root: str | Path, tag: str) -> dict[str, Any]:
-    """Restore model, optimizer and scheduler of `tag`; returns the client state saved with it."""
-    path, client_state = engine.load_checkpoint(
-        str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+def load_checkpoint(engine, root: str | Path, tag: str, universal: bool = False) -> dict[str, Any]:
+    """Restore model, optimizer and scheduler of `tag`; returns the client state saved with it.
+
+    Every file is unpickled with weights_only=True (safe_load.py): a crafted checkpoint cannot run code.
+    `universal`: `tag` is a universal checkpoint (another world size). DeepSpeed reads that switch from the
+    engine's config at load time; it is set for this load only, because a config that keeps it also changes
+    how later saves are written (DeepSpeed #7546).
+    """
+    config = engine._config
+    config.load_universal_checkpoint = universal
+    try:
+        with weights_only_loads():
+            path, client_state = engine.load_checkpoint(
+                str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+    finally:
+        config.load_universal_checkpoint = False
     if path is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {root}")
     return client_state or {}
+
+
+def convert_universal(step_dir: Path, out_dir: Path) -> None:
+    """DeepSpeed's ds_to_universal of ZeRO 1-3 checkpoint `step_dir` into `out_dir` (serial: no worker pool).
+
+    inject_missing_state: a plain (non-Megatron) model's ZeRO-1/2 checkpoint lacks the universal-checkpoint
+    info that the converter asserts on; it is only a version marker, added in memory (the input is not edited).
+    """
+    from argparse import Namespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    args = Namespace(
+        input_folder=str(step_dir),
+        output_folder=str(out_dir),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
+    with weights_only_loads():
+        ds_to_universal(args)
 
 
 def consolidate_checkpoint(root: str | Path, tag: str) -> dict[str, torch.Tensor]:
@@ -100,7 +172,8 @@ def consolidate_checkpoint(root: str | Path, tag: str) -> dict[str, torch.Tensor
 
     ckpt = Path(root) / tag
     if _zero_stage(ckpt) > 0:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+        with weights_only_loads():  # zero_to_fp32 unpickles with weights_only=False
+            state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     else:  # ZeRO 0: full weights sit in the model-states file
         blob = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
         state = blob["module"]

@@ -16,6 +16,7 @@ class DistEnv:
     world_size: int = 1
     local_world_size: int = 1
     restart_count: int = 0
+    under_torchrun: bool = False  # started by a torchrun agent (its workers carry TORCHELASTIC_RUN_ID)
 
     @property
     def is_main(self) -> bool:
@@ -35,6 +36,7 @@ def read_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         world_size=int(env.get("WORLD_SIZE", 1)),
         local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)),
         restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)),
+        under_torchrun="TORCHELASTIC_RUN_ID" in env,
     )
 
 

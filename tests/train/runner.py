@@ -7,7 +7,6 @@ SCLABEL_TEST_PROBE=PATH    after the final checkpoint, run the live engine on a 
 from __future__ import annotations
 
 import os
-import sys
 
 
 def probe_batch(vocab_size: int, num_bins: int, continuous: bool = False):
@@ -66,6 +65,6 @@ def install_probe(path: str) -> None:
 if __name__ == "__main__":
     if os.environ.get("SCLABEL_TEST_PROBE"):
         install_probe(os.environ["SCLABEL_TEST_PROBE"])
-    from sclabel_dist.pretrain import main
+    from sclabel_dist.pretrain import cli
 
-    raise SystemExit(main(sys.argv[1:]))
+    raise SystemExit(cli())  # as `-m sclabel_dist.pretrain`: a user error is one line and exit code 2
