@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +108,14 @@ def finetune_args(
         str(out),
         *extra,
     ]
+
+
+def sclabel(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m sclabel_dist.cli ARGS` in a child process, output captured (one torch thread)."""
+    return subprocess.run(
+        [sys.executable, "-m", "sclabel_dist.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )

@@ -3,23 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 from conftest import FAST, HELD_OUT
-from helpers import finetune_args
-
-
-def sclabel(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "sclabel_dist.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+from helpers import finetune_args, sclabel
 
 
 def test_finetune_trains_on_every_labelled_cell_by_default_and_says_so(tiny_bundle, tiny_h5ad, tmp_path):

@@ -10,18 +10,9 @@ from pathlib import Path
 
 import pytest
 from conftest import FAST
+from helpers import sclabel
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def sclabel(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "sclabel_dist.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
 
 
 def weights(bundle: Path) -> dict:

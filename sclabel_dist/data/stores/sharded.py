@@ -76,16 +76,11 @@ class ShardedArray:
 
         assert 0 <= lo <= hi <= self.size and out.shape == (hi - lo,) and out.dtype == self.dtype
         scratch = None
-        pos = lo
-        while pos < hi:
-            s = pos // self.shard
-            base = s * self.shard
-            end = min(hi, base + self.shard)
+        for s, base, pos, end in self._shard_spans(lo, hi):
             index = self._shard_index(s)
             if index is None:
                 if not self.checked:  # zarr's default skips a shard of fill values: no file is zeros
                     out[pos - lo : end - lo] = self.fill
-                    pos = end
                     continue
                 # That writer stores every chunk: an absent shard file is lost data, not zeros.
                 raise SclabelError(
@@ -119,18 +114,13 @@ class ShardedArray:
                         scratch = np.empty(self.chunk, dtype=self.dtype)
                     blosc.decompress(src, scratch)
                     dst[:] = scratch[a - e0 : b - e0]
-            pos = end
 
     def will_need(self, lo: int, hi: int) -> None:
         """Start reading the stored bytes of elements [lo, hi) into the page cache, asynchronously.
 
         A cold read is one blocking pread per slice, so a reader thread has one request in flight and waits
         on each; this hint queues every slice of a window at once (read_into then finds them cached)."""
-        pos = lo
-        while pos < hi:
-            s = pos // self.shard
-            base = s * self.shard
-            end = min(hi, base + self.shard)
+        for s, base, pos, end in self._shard_spans(lo, hi):
             index = self._shard_index(s)
             if index is not None:
                 rows = index[(pos - base) // self.chunk : (end - 1 - base) // self.chunk + 1]
@@ -143,6 +133,15 @@ class ShardedArray:
                         os.posix_fadvise(fd, start, span, os.POSIX_FADV_WILLNEED)
                     finally:
                         os.close(fd)
+
+    def _shard_spans(self, lo: int, hi: int):
+        """(shard number, its first element, span start, span end) for each shard that [lo, hi) touches."""
+        pos = lo
+        while pos < hi:
+            s = pos // self.shard
+            base = s * self.shard
+            end = min(hi, base + self.shard)
+            yield s, base, pos, end
             pos = end
 
     def _read_stored(self, s: int, offsets: np.ndarray, nbytes: np.ndarray) -> tuple[np.ndarray, int]:
