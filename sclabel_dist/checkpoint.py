@@ -295,7 +295,9 @@ def _agree_on_failure(phase: Callable[[], None], path: Path, tag: str) -> None:
         error = str(exc)
     except OSError as exc:
         error = describe_write_error(exc.filename or path, exc)
-    except RuntimeError as exc:  # torch.save / safetensors report write failures as RuntimeError
+    except Exception as exc:  # torch.save / safetensors report write failures as RuntimeError (and
+        # a full disk can surface elsewhere, depending on which write it hits): any failure of one rank is
+        # exchanged, never raised alone, or the other rank dies in the next collective with a raw traceback
         error = describe_write_error(path, exc)
     errors = [e for e in _all_gather(error) if e]
     if not errors:
