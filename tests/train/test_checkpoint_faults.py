@@ -173,7 +173,9 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(
     )
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "sclabel_dist.pretrain: error:" in line]
-    assert len(errors) == 2 and errors[0] == errors[1], proc.stderr[-3000:]  # the same line from both ranks
+    # The ranks agree on the failure and each raises the same line, but torchrun's agent stops the other
+    # worker as soon as one exits non-zero, so the second line is not always printed before it is killed.
+    assert errors and len(set(errors)) == 1, proc.stderr[-3000:]
     assert f"checkpoint step_00000004 was not saved: {ckpt / checkpoint_tag(4)}/" in errors[0]
     assert "no space left on device" in errors[0]
     assert "inline_container" not in proc.stderr  # no raw torch traceback from the workers
