@@ -8,8 +8,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_tools.readers import InputReader
-from data_tools.writer import check_block
-from sclabel_dist.data.values import MAX_COUNT, MAX_FLOAT32, value_kind_of
+from sclabel_dist.data.input_rules import MAX_COUNT, MAX_FLOAT32, check_values, value_kind_of
 from sclabel_dist.errors import SclabelError
 
 
@@ -36,7 +35,7 @@ def scan_input(reader: InputReader, block_rows: int = 4096, progress: bool = Tru
     )
     for start, block in reader.blocks(block_rows):
         block.eliminate_zeros()
-        check_block(block, "auto", reader.path, start)
+        check_values(block, "auto", reader.path, start)
         cells += np.bincount(block.indices, minlength=ncols)
         sums += np.bincount(block.indices, weights=block.data.astype(np.float64), minlength=ncols)
         if all_int and block.data.dtype.kind == "f":
@@ -54,11 +53,11 @@ def scan_input(reader: InputReader, block_rows: int = 4096, progress: bool = Tru
 def _first_bad_row(reader: InputReader, kind: str) -> None:
     """Raise SclabelError naming the first row whose values `kind` cannot store; one more pass, error path only."""
     for start, block in reader.blocks(4096):
-        check_block(block, kind, reader.path, start)
+        check_values(block, kind, reader.path, start)
 
 
 def decide_value_kind(stats: InputStats, reader: InputReader, asked: str) -> str:
-    """'counts' or 'lognorm': the flag if given, else the shared rule (data/values.py) over the file's hint and values.
+    """'counts' or 'lognorm': the flag if given, else the shared rule (data/input_rules.py) over the file's hint and values.
 
     The chosen kind is checked here, before anything is written: non-integer or > 2^32-1 counts, or values
     beyond float32, raise naming the row.

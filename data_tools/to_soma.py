@@ -127,7 +127,7 @@ def open_h5ad_source(
     import h5py
 
     from data_tools.readers.h5ad import H5adReader, read_column
-    from data_tools.writer import check_block
+    from sclabel_dist.data.input_rules import check_values
     from sclabel_dist.vocab import remap_csr
 
     reader = H5adReader(path, layer=layer, use_raw=use_raw)
@@ -163,7 +163,7 @@ def open_h5ad_source(
 
     def blocks(block_rows: int) -> Iterator[Block]:
         for a, raw in reader.blocks(block_rows):
-            check_block(raw, value_kind, str(path), a)  # NaN / inf / negative / fractional "counts": one line
+            check_values(raw, value_kind, str(path), a)  # NaN / inf / negative / fractional "counts"
             b = a + raw.shape[0]
             codes = {c: np.asarray(obs[c]["codes"][a:b], dtype=np.int32) for c in categories}
             yield a, remap_csr(raw, match), codes

@@ -25,7 +25,7 @@ from data_tools.part_buffer import PartBuffer, release_freed_memory
 from data_tools.store_lock import StoreLock
 from data_tools.tempfiles import clean_stale
 from sclabel_dist.data import format as fmt
-from sclabel_dist.data.values import MAX_COUNT, MAX_FLOAT32
+from sclabel_dist.data.input_rules import check_values
 from sclabel_dist.errors import SclabelError
 from sclabel_dist.vocab import GeneVocab
 
@@ -36,38 +36,6 @@ _DATASET_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 def _tmp_prefix(store: Path) -> str:
     """Temp names beside a store: '.NAME.tmp-<pid>...' (a staged store's own temps share its prefix)."""
     return f".{store.name.lstrip('.')}.tmp-"
-
-
-def check_block(matrix: sp.csr_matrix, value_kind: str, where: str, first_row: int = 0) -> None:
-    """Raise SclabelError naming the file and row on NaN/inf, negatives, or non-integer declared counts."""
-    data = matrix.data
-    if data.dtype.kind not in "biuf":
-        raise SclabelError(f"{where}: unsupported value dtype {data.dtype}")
-    bad = None
-    if data.dtype.kind == "f":
-        nonfinite = ~np.isfinite(data)
-        if nonfinite.any():
-            bad = ("NaN or infinite value", nonfinite)
-    if bad is None and data.dtype.kind != "u":
-        neg = data < 0
-        if neg.any():
-            bad = ("negative value", neg)
-    if bad is None and value_kind == "counts" and data.dtype.kind == "f":
-        frac = data != np.round(data)
-        if frac.any():
-            bad = ("non-integer value declared as counts (use --value-kind lognorm)", frac)
-    if bad is None and value_kind == "counts" and data.size and data.max() > MAX_COUNT:
-        bad = (
-            f"count above {MAX_COUNT} (counts are stored as unsigned 32-bit integers at most)",
-            data > MAX_COUNT,
-        )
-    if bad is None and value_kind == "lognorm" and data.size and data.max() > MAX_FLOAT32:
-        bad = ("value beyond float32 range (log-normalised values are stored as float32)", data > MAX_FLOAT32)
-    if bad is not None:
-        what, mask = bad
-        k = int(np.argmax(mask))
-        row = int(np.searchsorted(matrix.indptr, k, side="right")) - 1
-        raise SclabelError(f"{where}: row {first_row + row}: {what} ({data[k]!r})")
 
 
 def _compressor(name: str, kind: str) -> tuple[Any, Any]:
@@ -282,9 +250,9 @@ class StoreWriter:
             matrix = matrix.copy()
             matrix.sum_duplicates()
         pending = self._part.num_rows if self._part is not None else 0
-        check_block(matrix, self.value_kind, self.source or self.dataset, self.num_rows + pending)
+        check_values(matrix, self.value_kind, self.source or self.dataset, self.num_rows + pending)
         # Narrow the buffered values now (float64 -> 4 bytes): the pending part is the writer's whole memory.
-        # check_block above bounds the values by the stored dtype, so neither cast can overflow.
+        # check_values above bounds the values by the stored dtype, so neither cast can overflow.
         if self.value_kind == "lognorm":
             matrix.data = matrix.data.astype(np.float32, copy=False)
         else:

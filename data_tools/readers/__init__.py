@@ -10,8 +10,6 @@ import numpy as np
 
 from sclabel_dist.errors import SclabelError
 
-ENSEMBL_COLUMNS = ("ensembl", "ensembl_id", "ensembl_ids", "gene_ids", "gene_id", "feature_id")
-
 
 class InputReader(Protocol):
     """A cell x gene input read in row blocks; never loads the whole matrix."""
@@ -54,15 +52,6 @@ def detect_kind(path: str | Path) -> str:
     if not p.exists():
         raise SclabelError(f"{p}: input not found")
     raise SclabelError(f"{p}: unknown input type (expected .h5ad, a 10x directory or a SOMA experiment)")
-
-
-def pick_ensembl_column(columns: Sequence[str], asked: str | None, where: str) -> str | None:
-    """The var column holding Ensembl IDs: the one asked for, else the first known name present."""
-    if asked:
-        if asked not in columns:
-            raise SclabelError(f"{where}: var column {asked!r} not found; present: {sorted(columns)}")
-        return asked
-    return next((c for c in ENSEMBL_COLUMNS if c in columns), None)
 
 
 def open_input(

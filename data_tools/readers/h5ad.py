@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from data_tools.readers import pick_ensembl_column
+from sclabel_dist.data.input_rules import pick_ensembl_column
 from sclabel_dist.errors import SclabelError
 
 _SAMPLE_VALUES = 1 << 20

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from data_tools.readers import pick_ensembl_column
+from sclabel_dist.data.input_rules import pick_ensembl_column
 from sclabel_dist.errors import SclabelError
 
 
@@ -57,7 +57,7 @@ class SomaReader:
         if name_col is None or name_col not in columns:
             raise SclabelError(f"{path}: var column {name_col!r} not found; present: {columns}")
         self.var_names = [str(v) for v in var[name_col]]
-        ens = pick_ensembl_column([c for c in columns if c != name_col], ensembl_column, self.path)
+        ens = pick_ensembl_column(columns, ensembl_column, self.path, exclude=[name_col])
         self.ensembl = [None if v is None else str(v) for v in var[ens]] if ens else None
         self.num_cols = len(var)
         self._var_pos = np.full(int(var["soma_joinid"].max()) + 1 if len(var) else 0, -1, dtype=np.int64)

@@ -9,11 +9,9 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from sclabel_dist.data.values import value_kind_of
+from sclabel_dist.data.input_rules import detect_value_kind, pick_ensembl_column
 from sclabel_dist.errors import SclabelError
 
-# Columns of `var` that may hold Ensembl ids beside the symbols in var_names (first one present wins).
-ENSEMBL_COLUMNS = ("ensembl", "ensembl_id", "gene_ids", "gene_id", "ensembl_ids")
 # Strings that mean "no label": such cells are left out of training and reported.
 MISSING_LABELS = frozenset({"", "nan", "none", "na", "n/a", "null", "unknown", "unassigned"})
 
@@ -60,11 +58,8 @@ def read_h5ad(path: str | Path, layer: str | None = None) -> H5adInput:
     X = sp.csr_matrix(matrix, dtype=np.float32)
     X.sum_duplicates()
     X.sort_indices()
-    ensembl = None
-    for column in ENSEMBL_COLUMNS:
-        if column in adata.var.columns:
-            ensembl = [str(v) for v in adata.var[column]]
-            break
+    column = pick_ensembl_column(list(adata.var.columns), where=path)
+    ensembl = None if column is None else [str(v) for v in adata.var[column]]
     declared = adata.uns.get("X_is_integer_counts") if layer is None else None
     value_kind = detect_value_kind(X, path, declared=None if declared is None else bool(declared))
     return H5adInput(
@@ -75,22 +70,6 @@ def read_h5ad(path: str | Path, layer: str | None = None) -> H5adInput:
         value_kind=value_kind,
         adata=adata,
     )
-
-
-def detect_value_kind(X: sp.csr_matrix, where: Path | str, declared: bool | None = None) -> str:
-    """'counts' for non-negative integers, 'lognorm' for log-normalised values; refuse anything else."""
-    data = X.data
-    if data.size == 0:
-        raise SclabelError(f"{where}: the expression matrix has no non-zero value")
-    if not np.isfinite(data).all():
-        row = int(np.searchsorted(X.indptr, int(np.flatnonzero(~np.isfinite(data))[0]), side="right") - 1)
-        raise SclabelError(f"{where}: NaN or infinite expression value in row {row}")
-    if data.min() < 0:
-        raise SclabelError(
-            f"{where}: negative expression values (min {data.min():.3g}): the data look scaled or centred; "
-            "give raw counts or log1p-normalised values instead"
-        )
-    return value_kind_of(bool(np.all(data == np.round(data))), float(data.max()), declared, where)
 
 
 def read_labels(inp: H5adInput, label_key: str) -> np.ndarray:

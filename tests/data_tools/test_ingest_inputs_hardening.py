@@ -17,8 +17,8 @@ from h1_builders import GENES, counts_matrix, make_adata, write_10x, write_h5ad
 
 from data_tools.ingest import main as ingest
 from data_tools.validate import validate_store
-from sclabel_dist.annotate.h5ad import detect_value_kind
 from sclabel_dist.data import format as fmt
+from sclabel_dist.data.input_rules import detect_value_kind
 from sclabel_dist.errors import SclabelError
 
 
@@ -52,7 +52,7 @@ def test_stray_non_integer_in_counts_is_said_out_loud(tmp_path: Path, capsys) ->
 
 
 def test_stray_non_integer_in_large_counts_is_refused_like_annotation(tmp_path: Path) -> None:
-    """One rule (data/values.py) for ingest and annotation: counts up to ~100 with a stray 0.5 are neither kind."""
+    """One rule (data/input_rules.py) for ingest and annotation: counts up to ~100 with a stray 0.5 are neither kind."""
     adata = _with_value(0.5, row=11, scale=40.0)
     src = write_h5ad(tmp_path / "stray.h5ad", adata)
     with pytest.raises(SclabelError, match="not log-transformed") as from_ingest:
@@ -111,3 +111,27 @@ def test_temp_files_of_a_killed_ingest_are_removed_by_the_next_run(tmp_path: Pat
     assert {p.name.split("-")[1] for p in tmp.iterdir()} == {"10x", "shuffle"}  # what the kill leaves
     subprocess.run([*cmd, "-o", str(tmp_path / "s2")], check=True, capture_output=True)
     assert list(tmp.iterdir()) == []
+
+
+def test_ingest_and_annotation_read_ensembl_ids_from_the_same_column(tmp_path: Path) -> None:
+    """One gene-column rule (data/input_rules.py): with several candidate var columns, ingest's reader and
+    annotation's reader take the same one (they used to try different lists in different orders)."""
+    from data_tools.readers import open_input
+    from sclabel_dist.annotate.h5ad import read_h5ad
+    from sclabel_dist.data.input_rules import ENSEMBL_COLUMNS
+
+    adata = make_adata(20)
+    n = adata.n_vars
+    del adata.var["ensembl"]  # old lists disagreed on the rest: annotation took gene_ids, ingest ensembl_ids
+    for column in ("feature_id", "gene_ids", "ensembl_ids"):
+        adata.var[column] = [f"{column}-{j}" for j in range(n)]
+    src = write_h5ad(tmp_path / "cols.h5ad", adata)
+    reader = open_input(src)
+    try:
+        from_ingest = reader.ensembl
+    finally:
+        reader.close()
+    from_annotation = read_h5ad(src).ensembl
+    assert from_ingest == from_annotation
+    first = next(c for c in ENSEMBL_COLUMNS if c in adata.var.columns)
+    assert from_annotation == [f"{first}-{j}" for j in range(n)]

@@ -7,7 +7,8 @@ import pytest
 import scipy.sparse as sp
 from helpers import gene_names, make_counts, write_h5ad
 
-from sclabel_dist.annotate.h5ad import detect_value_kind, read_h5ad, read_labels
+from sclabel_dist.annotate.h5ad import read_h5ad, read_labels
+from sclabel_dist.data.input_rules import detect_value_kind
 from sclabel_dist.errors import SclabelError
 
 

@@ -12,13 +12,13 @@ from typing import Any
 
 import numpy as np
 
+from sclabel_dist.data.input_rules import pick_ensembl_column
 from sclabel_dist.data.stores.base import HAVE_NUMBA, CSRBlock, checked_rows
 from sclabel_dist.errors import SclabelError
 from sclabel_dist.vocab import GeneVocab
 
 # var columns tried for gene names, then for Ensembl IDs (CELLxGENE uses feature_name / feature_id).
 NAME_COLUMNS = ("feature_name", "gene_symbols", "gene_name", "var_id", "gene_ids", "feature_id")
-ENSEMBL_COLUMNS = ("feature_id", "gene_ids", "ensembl_id", "ensembl")
 COUNT_LAYERS = ("counts", "raw")
 DATASET_COLUMNS = ("dataset_id", "dataset")
 _ROWS_PER_QUERY = 1024
@@ -90,7 +90,7 @@ class SomaCellStore:
             var_column = next((c for c in NAME_COLUMNS if c in var.columns), None)
         if var_column is None or var_column not in var.columns:
             raise SclabelError(f"{self.uri}: var has no gene-name column (tried {NAME_COLUMNS}): {list(var)}")
-        ens_col = next((c for c in ENSEMBL_COLUMNS if c in var.columns and c != var_column), None)
+        ens_col = pick_ensembl_column(list(var.columns), where=self.uri, exclude=[var_column])
         match = self.vocab.match(
             var[var_column].astype(str).tolist(), None if ens_col is None else var[ens_col].tolist()
         )
