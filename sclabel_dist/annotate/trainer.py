@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,6 +11,11 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
+
+from sclabel_dist.optim import build_lr_scheduler
+
+# Fine-tuning's cosine ends at a tenth of each group's peak LR.
+FINETUNE_MIN_LR_RATIO = 0.1
 
 
 @dataclass
@@ -53,14 +57,6 @@ def epoch_batches(
         steps = min(steps, max_steps)
     batches = [order[i * batch_size : (i + 1) * batch_size] for i in range(steps * world)]
     return batches[rank::world]
-
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup to 1, then cosine decay to 0.1 at the last step."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def train_classifier(
@@ -107,15 +103,24 @@ def train_classifier(
     # fused: one kernel over all parameters; the gene-embedding table is most of them, and the unfused
     # step over it cost several times the forward and backward of a short-sequence batch on CPU.
     optimizer = torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay, fused=True)
-    for group in optimizer.param_groups:
-        group["peak_lr"] = group["lr"]
     # Keep the bare module: prepare() may wrap it (DDP), and accelerator.unwrap_model() would import
     # deepspeed whenever it is installed, which fine-tuning must never do.
     raw_model = model
     model, optimizer = accelerator.prepare(model, optimizer)
+    # Not passed to prepare(): Accelerate would step it once per process. LP-FT: the encoder waits (LR 0)
+    # while a fresh head learns to read it, so the head's first large, random gradients never reach (and
+    # scramble) pretrained features.
+    scheduler = build_lr_scheduler(
+        optimizer,
+        warmup_steps=warmup,
+        max_steps=total,
+        min_lr_ratio=FINETUNE_MIN_LR_RATIO,
+        hold_steps=[probe_steps if g.get("name") == "encoder" else 0 for g in optimizer.param_groups],
+    )
 
     best_score, best_epoch, best_state, best_val, bad = (-1.0, 0.0), -1, None, {}, 0
     history, step, t0 = [], 0, time.perf_counter()
+    last_lr = optimizer.param_groups[0]["lr"]
     for epoch in range(cfg.epochs):
         model.train()
         losses = []
@@ -135,17 +140,14 @@ def train_classifier(
             batch = tokenize_csr(
                 csr[rows], tok_cfg, value_kind=value_kind, train=True, mask=False, rng=rng, labels=y[rows]
             ).to(accelerator.device)
-            for group in optimizer.param_groups:
-                # LP-FT: the encoder waits while a fresh head learns to read it, so the head's first large,
-                # random gradients never reach (and scramble) pretrained features.
-                frozen = group.get("name") == "encoder" and step < probe_steps
-                group["lr"] = 0.0 if frozen else group["peak_lr"] * lr_factor(step, total, warmup)
             out = model(batch.gene_ids, batch.values, batch.attention_mask, bag=batch.bag)
             loss = F.cross_entropy(out.logits.float(), batch.labels, label_smoothing=cfg.label_smoothing)
             accelerator.backward(loss)
             if cfg.grad_clip > 0:
                 accelerator.clip_grad_norm_([p for g in param_groups for p in g["params"]], cfg.grad_clip)
             optimizer.step()
+            last_lr = optimizer.param_groups[0]["lr"]  # the LR this step used, for the epoch's curve
+            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
             step += 1
@@ -181,7 +183,7 @@ def train_classifier(
             for key, value in record.items():
                 if key not in ("epoch", "step"):
                     writer.add_scalar(f"{tag}/{key}", value, epoch)
-            writer.add_scalar(f"{tag}/lr", optimizer.param_groups[0]["lr"], epoch)
+            writer.add_scalar(f"{tag}/lr", last_lr, epoch)
         shown = {**record, "epoch": epoch + 1}  # users count epochs from 1; records stay 0-based
         log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
         if score > best_score:

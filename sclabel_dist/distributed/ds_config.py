@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 from sclabel_dist.errors import SclabelError
@@ -50,15 +49,6 @@ def build_deepspeed_config(
         cfg["zero_optimization"].pop("offload_optimizer", None)
         cfg["zero_optimization"].pop("offload_param", None)
     return cfg
-
-
-def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier at optimizer step `step` (0-based): linear warmup to 1, then cosine down to min_lr_ratio."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    span = max(1, max_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def rescale_batch(global_batch: int, micro_batch: int, world_size: int) -> tuple[int, int]:

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import logging
 import warnings
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sclabel_dist.distributed.ds_config import warmup_cosine
 from sclabel_dist.distributed.env import DistEnv, init_process_group
 from sclabel_dist.distributed.safe_load import weights_only_loads
+from sclabel_dist.optim import build_lr_scheduler
 
 
 def init_distributed(device: str, env: DistEnv) -> None:
@@ -67,13 +66,12 @@ def build_engine(model: torch.nn.Module, train_cfg: Any, ds_config: dict[str, An
     import deepspeed
 
     optimizer = build_optimizer(model, train_cfg, device)
-    schedule = partial(
-        warmup_cosine,
+    scheduler = build_lr_scheduler(
+        optimizer,
         warmup_steps=train_cfg.warmup_steps,
         max_steps=train_cfg.max_steps,
         min_lr_ratio=train_cfg.min_lr_ratio,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from sclabel_dist.config import PretrainConfig, TrainConfig, load_config
-from sclabel_dist.distributed.ds_config import build_deepspeed_config, warmup_cosine
+from sclabel_dist.distributed.ds_config import build_deepspeed_config
 from sclabel_dist.distributed.env import read_dist_env
 from sclabel_dist.errors import SclabelError
+from sclabel_dist.optim import warmup_cosine
 from sclabel_dist.pretrain import normalise_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
