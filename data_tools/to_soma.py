@@ -14,8 +14,6 @@ built under a temp name and renamed at the end.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +23,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from sclabel_dist.atomic import replaced_on_success
 from sclabel_dist.errors import SclabelError
 from sclabel_dist.vocab import GeneVocab
 
@@ -55,13 +54,16 @@ class Source:
 
 
 def open_store_source(path: Path) -> Source:
-    """A cell store: its vocabulary, value kind, obs columns (plus `dataset`), shards read in row blocks."""
-    from sclabel_dist.data import format as fmt
+    """A cell store: its vocabulary, value kind, obs columns (plus `dataset`), shards read in row blocks.
 
-    index = fmt.read_index(path)
-    vocab = GeneVocab.from_json(path / fmt.VOCAB_FILE)
-    if vocab.hash != index.vocab_hash:
-        raise SclabelError(f"{path / fmt.VOCAB_FILE}: vocabulary hash differs from {path / fmt.INDEX_FILE}")
+    Rows are read through ZarrCellStore, the one reader of the store layout (its checks included)."""
+    import scipy.sparse as sp
+
+    from sclabel_dist.data import format as fmt
+    from sclabel_dist.data.stores.zarr_store import ZarrCellStore
+
+    store = ZarrCellStore(path)
+    index, vocab = store.index, store.vocab
     kinds = {s.value_kind for s in index.shards} or {"counts"}
     if len(kinds) > 1:
         raise SclabelError(f"{path}: mixes value kinds {sorted(kinds)}; convert one kind at a time")
@@ -74,7 +76,8 @@ def open_store_source(path: Path) -> Source:
             codes["dataset"] = np.full(shard.num_rows, datasets.index(shard.dataset), np.int32)
             for a in range(0, shard.num_rows, block_rows):
                 b = min(a + block_rows, shard.num_rows)
-                rows = fmt.read_rows(path, shard, a, b, len(vocab))
+                block = store.read_rows(np.arange(shard.row_offset + a, shard.row_offset + b))
+                rows = sp.csr_matrix(block.to_scipy())
                 yield shard.row_offset + a, rows, {c: v[a:b] for c, v in codes.items()}
 
     return Source(
@@ -362,18 +365,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     source = open_source(args)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        nnz = write_experiment(
-            source, tmp, block_rows=args.block_rows, row_tile=args.row_tile, progress=not args.quiet
-        )
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with replaced_on_success(out) as tmp:
+            nnz = write_experiment(
+                source, tmp, block_rows=args.block_rows, row_tile=args.row_tile, progress=not args.quiet
+            )
     finally:
         for close in source.closers:
             close()

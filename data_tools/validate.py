@@ -88,9 +88,9 @@ def validate_store(store: str | Path, checksums: bool = True) -> tuple[list[str]
     problems: list[str] = []
     warnings: list[str] = []
     try:
-        vocab = GeneVocab.from_json(store / fmt.VOCAB_FILE)
-        if vocab.hash != index.vocab_hash or len(vocab) != index.num_genes:
-            problems.append(f"{fmt.VOCAB_FILE}: hash or size differs from index.json")
+        vocab = GeneVocab.from_json(store / fmt.VOCAB_FILE, index.vocab_hash, fmt.INDEX_FILE)
+        if len(vocab) != index.num_genes:
+            problems.append(f"{fmt.VOCAB_FILE}: {len(vocab)} genes but index.json says {index.num_genes}")
     except SclabelError as exc:
         problems.append(str(exc))
     offset = 0

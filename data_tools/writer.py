@@ -24,6 +24,7 @@ import scipy.sparse as sp
 from data_tools.part_buffer import PartBuffer, release_freed_memory
 from data_tools.store_lock import StoreLock
 from data_tools.tempfiles import clean_stale
+from sclabel_dist.atomic import replace_into_place, write_json_atomic
 from sclabel_dist.data import format as fmt
 from sclabel_dist.data.input_rules import check_values
 from sclabel_dist.errors import SclabelError
@@ -356,7 +357,7 @@ class StoreWriter:
         root = self._final_root
         os.replace(self._stage_root, root / fmt.SHARDS_DIR / self.dataset)
         (root / fmt.REPORTS_DIR).mkdir(exist_ok=True)
-        fmt.write_json_atomic(root / self._report_rel, self.match_report or {})
+        write_json_atomic(root / self._report_rel, self.match_report or {})
 
     def abort(self) -> None:
         """Drop everything this writer wrote (also after an uncommitted close); an existing store is left untouched."""
@@ -433,12 +434,9 @@ def check_replaceable(store: Path) -> None:
 
 
 def _swap_into_place(staged: Path, store: Path) -> None:
-    """Rename a finished staged store onto `store`, moving an old one aside first (overwrite)."""
-    old = store.parent / f"{_tmp_prefix(store)}{os.getpid()}-old"
-    if store.exists():
-        os.replace(store, old)
-    os.replace(staged, store)
-    shutil.rmtree(old, ignore_errors=True)
+    """Rename a finished staged store onto `store`, moving an old one aside first (overwrite); the aside name
+    shares the store's temp prefix, so a run killed in between leaves what clean_stale removes."""
+    replace_into_place(staged, store, aside=store.parent / f"{_tmp_prefix(store)}{os.getpid()}-old")
 
 
 @contextmanager

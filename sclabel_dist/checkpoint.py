@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from sclabel_dist.bundle import SUMS, read_checksums, sha256_file
+from sclabel_dist.atomic import write_text_atomic
+from sclabel_dist.checksums import SUMS, format_sums, mismatched, read_sums, sha256_file
 from sclabel_dist.errors import SclabelError
 
 COMPLETE = "COMPLETE"
@@ -85,20 +86,6 @@ def resume_candidates(root: str | Path, resume: str) -> list[Path]:
     return [first] + [p for p in reversed(complete) if p.name < first.name]
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write then rename: a reader sees the old file or the new one, never half of either."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():  # a failed write (disk full) leaves no temp file behind
-            tmp.unlink()
-
-
 def save_rng(path: Path, rank: int) -> None:
     """This rank's torch RNG states (CPU and, when present, CUDA) as safetensors: no pickle."""
     from safetensors.torch import save_file
@@ -148,7 +135,7 @@ def write_checksums(path: Path, rank: int, world: int) -> None:
     for part in _all_gather(mine):
         merged.update(part)
     if rank == 0:
-        write_text_atomic(path / SUMS, "".join(f"{merged[n]}  {n}\n" for n in sorted(merged)))
+        write_text_atomic(path / SUMS, format_sums({n: merged[n] for n in sorted(merged)}))
 
 
 def verify_checkpoint(path: str | Path, rank: int = 0, world: int = 1) -> list[str]:
@@ -158,16 +145,10 @@ def verify_checkpoint(path: str | Path, rank: int = 0, world: int = 1) -> list[s
     if not (path / SUMS).is_file():
         return []
     try:
-        sums = read_checksums(path)
+        sums = read_sums(path)
     except SclabelError as exc:
         return [str(exc)]
-    problems = []
-    for name in sorted(sums)[rank::world]:
-        file = path / name
-        if not file.is_file():
-            problems.append(f"{file}: missing")
-        elif sha256_file(file) != sums[name]:
-            problems.append(f"{file}: checksum mismatch (corrupted after it was saved)")
+    problems = mismatched(path, sums, sorted(sums)[rank::world], why="corrupted after it was saved")
     if rank == 0:
         problems += [f"{path / n}: not listed in {SUMS}" for n in checksummed_files(path) if n not in sums]
     return problems

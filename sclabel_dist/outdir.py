@@ -17,7 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from sclabel_dist.data.format import write_json_atomic
+from sclabel_dist.atomic import write_json_atomic
 from sclabel_dist.errors import SclabelError
 
 MARKER = ".sclabel-run.json"

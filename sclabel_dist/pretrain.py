@@ -94,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         state = load_checkpoint(engine, resume_from, env.rank)
         resume_s = time.perf_counter() - t0
-        if state["vocab_hash"] != vocab.hash:
-            raise SclabelError(f"{resume_from}: checkpoint vocabulary differs from the data's vocabulary")
+        vocab.checked(state["vocab_hash"], resume_from, "the checkpoint's vocabulary")
         train_data.load_state_dict(state["loader"])
         step = state["step"]
 

@@ -15,13 +15,13 @@ import shutil
 import time
 from pathlib import Path
 
+from sclabel_dist.atomic import replaced_on_success, write_text_atomic
 from sclabel_dist.checkpoint import (
     COMPLETE,
     UNIVERSAL,
     is_complete,
     verify_checkpoint,
     write_checksums,
-    write_text_atomic,
 )
 from sclabel_dist.errors import SclabelError
 
@@ -50,14 +50,10 @@ def convert_to_universal(step_dir: str | Path) -> Path:
         shutil.rmtree(out)  # not ours to trust: only a renamed, complete conversion counts
     for stale in step_dir.glob(f".{UNIVERSAL}.tmp*"):
         shutil.rmtree(stale, ignore_errors=True)  # the remains of a killed conversion
-    tmp = step_dir / f".{UNIVERSAL}.tmp{os.getpid()}"
-    try:
+    with replaced_on_success(out) as tmp:
         convert_universal(step_dir, tmp)
         write_checksums(tmp, rank=0, world=1)
         write_text_atomic(tmp / COMPLETE, f"{step_dir.name}\n")
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -207,12 +207,25 @@ class GeneVocab:
         }
 
     def to_json(self, path: str | Path) -> None:
-        from sclabel_dist.data.format import write_json_atomic
+        from sclabel_dist.atomic import write_json_atomic
 
         write_json_atomic(Path(path), self.to_dict())
 
+    def checked(self, expected_hash: str | None, where: object, recorded_in: object = "") -> GeneVocab:
+        """self, when its hash is `expected_hash` (or none is expected): the one vocabulary-hash check."""
+        if expected_hash and expected_hash != self.hash:
+            raise SclabelError(
+                f"{where}: vocabulary hash {self.hash[:12]} differs from {recorded_in or 'the expected'} "
+                f"({expected_hash[:12]})"
+            )
+        return self
+
     @classmethod
-    def from_json(cls, path: str | Path) -> GeneVocab:
+    def from_json(
+        cls, path: str | Path, expected_hash: str | None = None, recorded_in: object = ""
+    ) -> GeneVocab:
+        """Read a vocab.json (or a plain JSON list of gene names). expected_hash: the hash another file
+        (`recorded_in`: a store's index.json, a bundle's config.json) holds for it; a difference is an error."""
         path = Path(path)
         if not path.is_file():
             raise SclabelError(f"vocabulary file not found: {path}")
@@ -227,7 +240,7 @@ class GeneVocab:
         vocab = cls(raw["genes"], raw.get("ensembl"))
         if raw.get("hash") and raw["hash"] != vocab.hash:
             raise SclabelError(f"{path}: vocabulary hash mismatch (file edited or corrupted)")
-        return vocab
+        return vocab.checked(expected_hash, path, recorded_in)
 
 
 def remap_csr(csr: Any, match: GeneMatch) -> Any:

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from sclabel_dist.errors import SclabelError
+from sclabel_dist.model.load import HEAD_PREFIX, build_from_weights
 
-HEAD_PREFIX = "cls_head."
 # Not on the classification path (MLM and MVC heads, masked-value vector): never trained here, and DDP requires
 # every trainable parameter to get a gradient.
 UNUSED = ("mlm_head.", "mask_embed", "mvc_query.", "mvc_head.", "contrast_head.")
@@ -34,37 +34,21 @@ def build_classifier(
 
     A pretrained model's own head (from an earlier fine-tune) is dropped: its classes are not ours.
     """
-    from sclabel_dist.model.args import ModelArgs
-    from sclabel_dist.model.net import ScLabelNet
-
     if not 0.0 <= dropout < 1.0:
         raise SclabelError(f"train.dropout {dropout}: must be in [0, 1)")
-    args = ModelArgs.from_dict({**model_args, "num_classes": num_classes, "dropout": dropout})
     torch.manual_seed(seed)  # the new head's init is part of the run's seed
-    model = ScLabelNet(args)
-    encoder = {k: v for k, v in state_dict.items() if not k.startswith(HEAD_PREFIX)}
-    missing, unexpected = model.load_state_dict(encoder, strict=False)
-    missing = [k for k in missing if not k.startswith(HEAD_PREFIX)]
-    if missing or unexpected:
-        raise SclabelError(
-            f"bundle weights do not fit its model args: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    return model
+    return build_from_weights(
+        model_args, state_dict, "bundle", new_head=True, num_classes=num_classes, dropout=dropout
+    )
 
 
 def load_classifier(model_args: dict, state_dict: dict[str, torch.Tensor]) -> Any:
     """A fine-tuned ScLabelNet exactly as saved (head included), in eval mode."""
-    from sclabel_dist.model.args import ModelArgs
-    from sclabel_dist.model.net import ScLabelNet
-
-    args = ModelArgs.from_dict(model_args)
-    if not args.num_classes:
+    if not model_args.get("num_classes", 0):
         raise SclabelError(
             "this bundle has no classification head: fine-tune it first with `sclabel finetune`"
         )
-    model = ScLabelNet(args)
-    model.load_state_dict(state_dict, strict=True)
-    return model.eval()
+    return build_from_weights(model_args, state_dict, "bundle").eval()
 
 
 def set_trainable(model: Any, mode: str) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
@@ -96,7 +80,7 @@ def resolve_bundle_dir(path: str) -> Any:
     """A bundle directory from `path`: the path itself, or RUN_DIR/model as `sclabel finetune` writes it."""
     from pathlib import Path
 
-    from sclabel_dist.bundle import SUMS
+    from sclabel_dist.checksums import SUMS
 
     p = Path(path)
     if not (p / SUMS).is_file() and (p / "model" / SUMS).is_file():

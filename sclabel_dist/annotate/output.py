@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sclabel_dist.atomic import replaced_on_success
 from sclabel_dist.errors import SclabelError
 
 UNASSIGNED = "Unassigned"
@@ -78,14 +78,7 @@ def write_annotated(
         }
     )
     # Temp names differ by kind, not only by final name: two outputs must never share one temp file.
-    tmp_h5 = out.with_name(f".{out.name}.h5ad-tmp-{os.getpid()}")
-    tmp_csv = csv.with_name(f".{csv.name}.csv-tmp-{os.getpid()}")
-    try:
+    with replaced_on_success(out, "h5ad-tmp") as tmp_h5, replaced_on_success(csv, "csv-tmp") as tmp_csv:
         result.write_h5ad(tmp_h5)
         frame.to_csv(tmp_csv, index=False)
-        os.replace(tmp_h5, out)
-        os.replace(tmp_csv, csv)
-    finally:
-        for tmp in (tmp_h5, tmp_csv):
-            tmp.unlink(missing_ok=True)
     return csv

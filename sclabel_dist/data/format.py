@@ -23,9 +23,7 @@ index.json) and only ever extended, so appending a dataset never rewrites earlie
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from sclabel_dist.atomic import write_json_atomic
+from sclabel_dist.checksums import sha256_tree
 from sclabel_dist.errors import SclabelError
 
 FORMAT_NAME = "sclabel-cellstore"
@@ -187,17 +187,6 @@ def part_name(i: int) -> str:
 # files
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temp file, fsync, then rename over `path`: readers see the old or the new, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def read_index(store: str | Path) -> StoreIndex:
     """Parse STORE/index.json, checking the format name and version."""
     path = Path(store) / INDEX_FILE
@@ -215,19 +204,6 @@ def write_index(store: str | Path, index: StoreIndex) -> None:
     write_json_atomic(Path(store) / INDEX_FILE, index.to_dict())
 
 
-def shard_checksum(shard_dir: str | Path) -> str:
-    """sha256 over the shard's files: sorted relative paths and their bytes."""
-    shard_dir = Path(shard_dir)
-    h = hashlib.sha256()
-    for f in sorted(p for p in shard_dir.rglob("*") if p.is_file()):
-        h.update(f.relative_to(shard_dir).as_posix().encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        h.update(b"\0")
-    return h.hexdigest()
-
-
 def open_shard_arrays(store: str | Path, shard: ShardEntry) -> tuple[np.ndarray, Any, Any]:
     """(indptr as int64 numpy, indices zarr.Array, data zarr.Array) of one shard, opened read-only."""
     import zarr
@@ -240,19 +216,6 @@ def open_shard_arrays(store: str | Path, shard: ShardEntry) -> tuple[np.ndarray,
     except (FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
         # A failed crc32c is a ValueError from zarr, a RuntimeError from the zarrs pipeline.
         raise SclabelError(f"{path}: shard unreadable ({type(exc).__name__}: {exc})") from None
-
-
-def read_rows(
-    store: str | Path, shard: ShardEntry, start: int, stop: int, num_genes: int
-) -> Any:  # scipy.sparse.csr_matrix
-    """Rows [start, stop) of one shard as a CSR matrix with num_genes columns (gene index space)."""
-    import scipy.sparse as sp
-
-    indptr, indices, data = open_shard_arrays(store, shard)
-    lo, hi = int(indptr[start]), int(indptr[stop])
-    return sp.csr_matrix(
-        (data[lo:hi], indices[lo:hi], indptr[start : stop + 1] - lo), shape=(stop - start, num_genes)
-    )
 
 
 def read_obs_codes(store: str | Path, shard: ShardEntry, column: str) -> np.ndarray:
@@ -273,3 +236,8 @@ def dataset_shards(index: StoreIndex, names: Sequence[str]) -> list[ShardEntry]:
     if missing:
         raise SclabelError(f"dataset(s) {missing} not in store; present: {sorted(known)}")
     return [s for s in index.shards if s.dataset in set(names)]
+
+
+def shard_checksum(shard_dir: str | Path) -> str:
+    """A shard's index.json checksum: sha256 over its files, their sorted relative paths and bytes."""
+    return sha256_tree(shard_dir)

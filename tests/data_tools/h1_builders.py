@@ -80,9 +80,7 @@ def write_10x(
 def read_dataset(store: Path, dataset: str) -> sp.csr_matrix:
     """All rows of one dataset, in store order, as CSR in gene index space."""
     index = fmt.read_index(store)
-    parts = [
-        fmt.read_rows(store, s, 0, s.num_rows, index.num_genes) for s in index.shards if s.dataset == dataset
-    ]
+    parts = [shard_rows(store, s) for s in index.shards if s.dataset == dataset]
     return sp.vstack(parts, format="csr")
 
 
@@ -104,3 +102,12 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "data_tools", *args], capture_output=True, text=True, timeout=timeout
     )
+
+
+def shard_rows(store: Path, shard: object, start: int = 0, stop: int | None = None) -> sp.csr_matrix:
+    """Rows [start, stop) of one shard, read through the store class (the one reader of the layout)."""
+    from sclabel_dist.data.stores.zarr_store import ZarrCellStore
+
+    stop = shard.num_rows if stop is None else stop
+    rows = np.arange(shard.row_offset + start, shard.row_offset + stop)
+    return ZarrCellStore(store).read_rows(rows).to_scipy()

@@ -8,6 +8,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
+from h1_builders import shard_rows
 
 from data_tools.ingest import main as ingest
 from data_tools.validate import validate_store
@@ -40,7 +41,7 @@ def test_real_sets_into_one_corpus(shared_data: Path, tmp_path: Path) -> None:
     adata = ad.read_h5ad(shared_data / "pbmc_facs_zheng_fasttopics.h5ad")
     want = remap_csr(adata.X, vocab.match(list(adata.var_names), list(adata.var["ensembl"])))
     shards = [s for s in index.shards if s.dataset == "pbmc_facs_zheng_fasttopics"]
-    got = [fmt.read_rows(store, s, 0, s.num_rows, index.num_genes) for s in shards]
+    got = [shard_rows(store, s) for s in shards]
     import scipy.sparse as sp
 
     assert abs(sp.vstack(got) - want).sum() == 0

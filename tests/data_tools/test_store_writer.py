@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from h1_builders import shard_rows
 
 from data_tools.writer import StoreWriter
 from sclabel_dist.data import format as fmt
@@ -43,9 +44,9 @@ def test_blocks_split_into_parts_and_read_back(tmp_path: Path) -> None:
     index = fmt.read_index(tmp_path / "s")
     assert [s.num_rows for s in index.shards] == [20, 20, 10] and index.shards[2].row_offset == 40
     assert all(s.data_dtype == "uint16" for s in index.shards)  # max 300 > 255
-    got = sp.vstack([fmt.read_rows(tmp_path / "s", s, 0, s.num_rows, len(VOCAB)) for s in index.shards])
+    got = sp.vstack([shard_rows(tmp_path / "s", s) for s in index.shards])
     assert abs(got - sp.vstack(blocks)).sum() == 0
-    middle = fmt.read_rows(tmp_path / "s", index.shards[1], 3, 9, len(VOCAB))
+    middle = shard_rows(tmp_path / "s", index.shards[1], 3, 9)
     assert abs(middle - sp.vstack(blocks)[23:29]).sum() == 0
     assert index.obs_columns == {"t": ["x"]}
     assert fmt.read_obs_codes(tmp_path / "s", index.shards[0], "t").tolist() == [0] * 20

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from h1_builders import shard_rows
 
 from data_tools import synth
 from data_tools import synth_model as sm
@@ -101,7 +102,7 @@ def test_h5ad_output_readable_and_equal_to_store(tmp_path):
     adata = ad.read_h5ad(tmp_path / "a.h5ad")
     index = fmt.read_index(tmp_path / "s")
     assert adata.shape == (600, 300) and index.num_rows == 600
-    rows = sp.vstack([fmt.read_rows(tmp_path / "s", s, 0, s.num_rows, index.num_genes) for s in index.shards])
+    rows = sp.vstack([shard_rows(tmp_path / "s", s) for s in index.shards])
     assert _same(sp.csr_matrix(adata.X), rows.tocsr())
     assert list(adata.var_names[:2]) == ["SYN00001", "SYN00002"]
     assert adata.var["ensembl"].iloc[0] == "ENSSYNG00000000001"

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from h1_builders import shard_rows
 
 from data_tools import synth, to_soma
 from sclabel_dist.data import format as fmt
@@ -39,7 +40,7 @@ def inputs(tmp_path_factory) -> Path:
 
 def store_rows(store: Path) -> tuple[sp.csr_matrix, dict[str, np.ndarray]]:
     index = fmt.read_index(store)
-    rows = sp.vstack([fmt.read_rows(store, s, 0, s.num_rows, index.num_genes) for s in index.shards]).tocsr()
+    rows = sp.vstack([shard_rows(store, s) for s in index.shards]).tocsr()
     obs = {}
     for col, cats in index.obs_columns.items():
         codes = np.concatenate([fmt.read_obs_codes(store, s, col) for s in index.shards])

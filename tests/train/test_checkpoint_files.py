@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from sclabel_dist.atomic import write_text_atomic
 from sclabel_dist.checkpoint import (
     COMPLETE,
     UNIVERSAL,
@@ -16,7 +17,6 @@ from sclabel_dist.checkpoint import (
     rotate,
     verify_checkpoint,
     write_checksums,
-    write_text_atomic,
 )
 from sclabel_dist.errors import SclabelError
 

@@ -42,9 +42,7 @@ class ZarrCellStore:
             use_zarrs_pipeline()
         self.uri = str(uri)
         self.index = fmt.read_index(uri)
-        self.vocab = GeneVocab.from_json(Path(uri) / fmt.VOCAB_FILE)
-        if self.vocab.hash != self.index.vocab_hash:
-            raise SclabelError(f"{uri}: {fmt.VOCAB_FILE} does not match the index's vocabulary hash")
+        self.vocab = GeneVocab.from_json(Path(uri) / fmt.VOCAB_FILE, self.index.vocab_hash, fmt.INDEX_FILE)
         self.num_rows = self.index.num_rows
         self._offsets = self.index.row_offsets()
         # Shards written without per-chunk crc32c are checked whole, once per shard version (verify.py).
