@@ -314,12 +314,16 @@ def read_state(path: str | Path) -> dict[str, Any]:
     return json.loads(file.read_text())
 
 
-def load_checkpoint(engine: Any, path: str | Path, rank: int) -> dict[str, Any]:
+def load_checkpoint(
+    engine: Any, path: str | Path, rank: int, to_universal: Callable[[Path], Path]
+) -> dict[str, Any]:
     """Collective: restore model, optimizer, scheduler (DeepSpeed) and this rank's RNG; returns the train state.
 
     Another world size under ZeRO 1-3 loads the step's universal copy: ZeRO shards the optimizer state by
-    data-parallel rank, and only the universal format can be re-sharded. Rank 0 converts it once (cached in
-    the step), the others wait. ZeRO 0 needs none: its checkpoint is not sharded by rank.
+    data-parallel rank, and only the universal format can be re-sharded. Rank 0 converts it once with
+    `to_universal` (universal.convert_to_universal, passed in: universal.py builds on this module, so this
+    module must not import it; cached in the step), the others wait. ZeRO 0 needs none: its checkpoint is
+    not sharded by rank.
     """
     import torch.distributed as dist
 
@@ -331,11 +335,9 @@ def load_checkpoint(engine: Any, path: str | Path, rank: int) -> dict[str, Any]:
     if state.get("world_size", world) != world and stage > 0:
         error = None
         if rank == 0:
-            from sclabel_dist.universal import convert_to_universal
-
             try:
                 t0 = time.perf_counter()
-                convert_to_universal(path)
+                to_universal(path)
                 print(
                     f"checkpoint: {path} as a universal checkpoint in {time.perf_counter() - t0:.2f}s",
                     flush=True,

@@ -28,6 +28,7 @@ from sclabel_dist.errors import SclabelError
 from sclabel_dist.metrics import MetricsLogger, StepTimer, peak_flops, peak_memory_gb
 from sclabel_dist.model.args import build_model_args, count_params, flops_per_token
 from sclabel_dist.model.net import ScLabelNet, mlm_loss
+from sclabel_dist.universal import convert_to_universal
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     step = 0
     if resume_from is not None:
         t0 = time.perf_counter()
-        state = load_checkpoint(engine, resume_from, env.rank)
+        state = load_checkpoint(engine, resume_from, env.rank, to_universal=convert_to_universal)
         resume_s = time.perf_counter() - t0
         vocab.checked(state["vocab_hash"], resume_from, "the checkpoint's vocabulary")
         train_data.load_state_dict(state["loader"])

@@ -12,7 +12,8 @@ import numpy as np
 from sclabel_dist.config import DataConfig
 from sclabel_dist.data import shuffle
 from sclabel_dist.data.partition import Units, make_chunks
-from sclabel_dist.data.stores.base import CellStore, CSRBlock, open_store
+from sclabel_dist.data.stores import open_store
+from sclabel_dist.data.stores.base import CellStore, CSRBlock
 from sclabel_dist.errors import SclabelError
 from sclabel_dist.vocab import GeneVocab
 

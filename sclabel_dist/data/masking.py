@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sclabel_dist.data.tokenize import sort_within_rows
+from sclabel_dist.data.csr import sort_within_rows
 
 
 def num_masked(num_real: np.ndarray, ratio: float) -> np.ndarray:

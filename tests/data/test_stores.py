@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sclabel_dist.data.stores.base import CellStore, CSRBlock, open_store
+from sclabel_dist.data.stores import open_store
+from sclabel_dist.data.stores.base import CellStore, CSRBlock
 from sclabel_dist.errors import SclabelError
 
 

@@ -1,1 +1,29 @@
 """CellStore implementations: our sharded Zarr store and TileDB-SOMA experiments."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sclabel_dist.data.stores.base import CellStore
+from sclabel_dist.vocab import GeneVocab
+
+
+def open_store(uri: str, *, vocab: GeneVocab | None = None, **kwargs: Any) -> CellStore:
+    """A Zarr cell store directory (has index.json) or a TileDB-SOMA experiment, by what is at `uri`."""
+    from pathlib import Path
+
+    from sclabel_dist.data import format as fmt
+    from sclabel_dist.errors import SclabelError
+
+    # The store modules are imported here, never by base.py: base is what they import.
+    if (Path(uri) / fmt.INDEX_FILE).is_file():
+        from sclabel_dist.data.stores.zarr_store import ZarrCellStore
+
+        return ZarrCellStore(uri, **kwargs)
+    if (Path(uri) / "__tiledb_group.tdb").exists() or (Path(uri) / "ms").exists() or "://" in uri:
+        from sclabel_dist.data.stores.soma_store import SomaCellStore
+
+        if vocab is None:
+            raise SclabelError(f"{uri}: a SOMA experiment needs the run's vocabulary to map its genes")
+        return SomaCellStore(uri, vocab=vocab, **kwargs)
+    raise SclabelError(f"{uri}: neither a cell store (no {fmt.INDEX_FILE}) nor a SOMA experiment")

@@ -140,26 +140,6 @@ def runs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rows[first], rows[last - 1] + 1
 
 
-def open_store(uri: str, *, vocab: GeneVocab | None = None, **kwargs: Any) -> CellStore:
-    """A Zarr cell store directory (has index.json) or a TileDB-SOMA experiment, by what is at `uri`."""
-    from pathlib import Path
-
-    from sclabel_dist.data import format as fmt
-    from sclabel_dist.errors import SclabelError
-
-    if (Path(uri) / fmt.INDEX_FILE).is_file():
-        from sclabel_dist.data.stores.zarr_store import ZarrCellStore
-
-        return ZarrCellStore(uri, **kwargs)
-    if (Path(uri) / "__tiledb_group.tdb").exists() or (Path(uri) / "ms").exists() or "://" in uri:
-        from sclabel_dist.data.stores.soma_store import SomaCellStore
-
-        if vocab is None:
-            raise SclabelError(f"{uri}: a SOMA experiment needs the run's vocabulary to map its genes")
-        return SomaCellStore(uri, vocab=vocab, **kwargs)
-    raise SclabelError(f"{uri}: neither a cell store (no {fmt.INDEX_FILE}) nor a SOMA experiment")
-
-
 def checked_rows(rows: np.ndarray, num_rows: int, uri: str) -> np.ndarray:
     """Sorted row ids as int64, refused with the store's name when they fall outside [0, num_rows)."""
     rows = np.asarray(rows, dtype=np.int64)
