@@ -69,8 +69,8 @@ def non_test_cells(inp, seed: int, cfg: object) -> np.ndarray:
     """Rows of `inp` (an H5adInput) outside `sclabel evaluate`'s test split for `seed` (the same function
     computes both, with evaluate's default test fraction)."""
     from sclabel_dist.annotate.h5ad import read_labels
+    from sclabel_dist.annotate.pipeline import make_split
     from sclabel_dist.annotate.splits import EVALUATE_TEST_FRACTION
-    from sclabel_dist.finetune import make_split
 
     cfg.train.seed = seed
     cfg.data.test_fraction = EVALUATE_TEST_FRACTION

@@ -66,8 +66,8 @@ def task_data(task: dict, bundle, cfg, seed: int):
     """
     from sclabel_dist.annotate.baseline import lognormalise
     from sclabel_dist.annotate.h5ad import read_h5ad
+    from sclabel_dist.annotate.pipeline import Prepared, make_split, prepare_input
     from sclabel_dist.annotate.splits import Split
-    from sclabel_dist.finetune import Prepared, make_split, prepare_input
 
     quiet = lambda *_: None  # noqa: E731
     cfg.train.seed = seed
@@ -127,11 +127,11 @@ def run_job(job: dict) -> list[dict]:
     from accelerate import Accelerator
 
     from sclabel_dist.annotate import baseline
+    from sclabel_dist.annotate.pipeline import fit
     from sclabel_dist.annotate.report import classification_metrics
     from sclabel_dist.annotate.splits import EVALUATE_TEST_FRACTION, few_shot_split
     from sclabel_dist.bundle import load_bundle
     from sclabel_dist.config import FinetuneConfig, load_config
-    from sclabel_dist.finetune import fit
 
     cfg = load_config(FinetuneConfig, job["finetune_config"], job["overrides"])
     cfg.data.test_fraction = EVALUATE_TEST_FRACTION  # the README baseline's 70/30: every arm is scored on it

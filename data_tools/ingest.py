@@ -44,6 +44,33 @@ class Prepared:
     obs_present: list[str] | None = None
 
 
+@dataclass(frozen=True)
+class IngestOptions:
+    """What one ingest does (the command line's options, typed; see build_parser for each one's meaning)."""
+
+    inputs: Sequence[str]
+    out: str
+    dataset_name: Sequence[str] = ()
+    vocab: str | None = None
+    min_cells: int = 1
+    min_match: float = 0.5
+    layer: str | None = None
+    use_raw: bool = False
+    gene_column: str | None = None
+    ensembl_column: str | None = None
+    measurement: str = "RNA"
+    value_kind: str = "auto"
+    obs_columns: str = ""
+    append: bool = False
+    overwrite: bool = False
+    shuffle: bool = False
+    seed: int = 0
+    rows_per_shard: int | None = None
+    block_rows: int = 4096
+    tmp_dir: str | None = None
+    no_progress: bool = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sclabel-data ingest", description=__doc__.splitlines()[0])
     p.add_argument("inputs", nargs="+", help=".h5ad files, 10x directories or SOMA experiment URIs")
@@ -118,19 +145,19 @@ def dataset_names(inputs: Sequence[str], given: Sequence[str]) -> list[str]:
     return out
 
 
-def choose_vocab(args: argparse.Namespace, prepared: list[Prepared]) -> GeneVocab:
+def choose_vocab(opts: IngestOptions, prepared: list[Prepared]) -> GeneVocab:
     """The store's vocabulary when appending, else --vocab, else the union of the inputs."""
-    if args.append:
-        vocab = GeneVocab.from_json(Path(args.out) / fmt.VOCAB_FILE)
-        if args.vocab and GeneVocab.from_json(args.vocab).hash != vocab.hash:
+    if opts.append:
+        vocab = GeneVocab.from_json(Path(opts.out) / fmt.VOCAB_FILE)
+        if opts.vocab and GeneVocab.from_json(opts.vocab).hash != vocab.hash:
             raise SclabelError(
-                f"--vocab {args.vocab} differs from the store's {Path(args.out) / fmt.VOCAB_FILE}; drop --vocab to use the store's"
+                f"--vocab {opts.vocab} differs from the store's {Path(opts.out) / fmt.VOCAB_FILE}; drop --vocab to use the store's"
             )
         return vocab
-    if args.vocab:
-        return GeneVocab.from_json(args.vocab)
+    if opts.vocab:
+        return GeneVocab.from_json(opts.vocab)
     return build_vocab_from_union(
-        [(p.reader.var_names, p.reader.ensembl, p.stats.cells_per_column) for p in prepared], args.min_cells
+        [(p.reader.var_names, p.reader.ensembl, p.stats.cells_per_column) for p in prepared], opts.min_cells
     )
 
 
@@ -186,23 +213,23 @@ def write_dataset(
     vocab: GeneVocab,
     p: Prepared,
     mode: str,
-    args: argparse.Namespace,
+    opts: IngestOptions,
     columns: list[str],
     index: fmt.StoreIndex | None = None,
 ) -> StoreWriter:
     """Write one input; with `index` (append) the dataset stays staged until commit_appends."""
-    blocks: Any = row_blocks(p, columns, args.block_rows)
-    if args.shuffle:
+    blocks: Any = row_blocks(p, columns, opts.block_rows)
+    if opts.shuffle:
         nb = num_buckets(p.stats.nnz, p.stats.num_rows)
-        blocks = shuffled_blocks(blocks, columns, len(vocab), nb, args.seed, args.tmp_dir)
-    bar = tqdm(total=p.stats.num_rows, desc=f"write {p.name}", unit="cells", disable=args.no_progress)
+        blocks = shuffled_blocks(blocks, columns, len(vocab), nb, opts.seed, opts.tmp_dir)
+    bar = tqdm(total=p.stats.num_rows, desc=f"write {p.name}", unit="cells", disable=opts.no_progress)
     with StoreWriter(
         store,
         vocab,
         p.name,
         value_kind=p.value_kind,
         obs_columns=columns,
-        rows_per_shard=args.rows_per_shard,
+        rows_per_shard=opts.rows_per_shard,
         mean_nnz_hint=p.stats.nnz / max(p.stats.num_rows, 1),
         mode=mode,
         source=str(p.reader.path),
@@ -222,14 +249,14 @@ def append_datasets(
     index: fmt.StoreIndex,
     vocab: GeneVocab,
     prepared: list[Prepared],
-    args: argparse.Namespace,
+    opts: IngestOptions,
     columns: list[str],
 ) -> None:
     """Stage every input, then commit them with one index: a failure half way leaves the store as it was."""
     writers: list[StoreWriter] = []
     try:
         for p in prepared:
-            writers.append(write_dataset(out, vocab, p, "append", args, columns, index=index))
+            writers.append(write_dataset(out, vocab, p, "append", opts, columns, index=index))
         commit_appends(out, index, writers)
     except BaseException:
         for w in writers:
@@ -241,55 +268,55 @@ def append_datasets(
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def ingest(args: argparse.Namespace) -> fmt.StoreIndex:
-    """Run an ingest from parsed arguments, holding the store's lock throughout; returns the final index."""
+def ingest(opts: IngestOptions) -> fmt.StoreIndex:
+    """Run an ingest, holding the store's lock throughout; returns the final index."""
     try:
-        with StoreLock(args.out):
-            return _ingest_locked(args)
+        with StoreLock(opts.out):
+            return _ingest_locked(opts)
     except OSError as exc:
         if exc.errno not in _NO_SPACE:
             raise
         # A failed write() carries no file name: the store being written is the place to name.
-        where = exc.filename or args.out
+        where = exc.filename or opts.out
         raise SclabelError(
             f"{where}: {os.strerror(exc.errno)} while writing the store; nothing was committed "
-            f"({'the store is as it was' if args.append else 'no store was created'}): free space and rerun"
+            f"({'the store is as it was' if opts.append else 'no store was created'}): free space and rerun"
         ) from None
 
 
-def _ingest_locked(args: argparse.Namespace) -> fmt.StoreIndex:
-    columns, optional = parse_obs_columns(args.obs_columns)
-    names = dataset_names(args.inputs, args.dataset_name)
-    out = Path(args.out)
+def _ingest_locked(opts: IngestOptions) -> fmt.StoreIndex:
+    columns, optional = parse_obs_columns(opts.obs_columns)
+    names = dataset_names(opts.inputs, opts.dataset_name)
+    out = Path(opts.out)
     index = None
-    if args.append:
+    if opts.append:
         index = fmt.read_index(out)
         existing = {d.name for d in index.datasets}
         clash = sorted(set(names) & existing)
         if clash:
             raise SclabelError(f"{out}: dataset(s) {clash} already in the store; pick other --dataset-name")
-    elif out.exists() and not args.overwrite:
+    elif out.exists() and not opts.overwrite:
         raise SclabelError(
             f"{out}: already exists; use --append to add datasets or --overwrite to replace it"
         )
     prepared: list[Prepared] = []
     try:
-        for path, name in zip(args.inputs, names, strict=True):
+        for path, name in zip(opts.inputs, names, strict=True):
             reader = open_input(
                 path,
-                layer=args.layer,
-                use_raw=args.use_raw,
-                gene_column=args.gene_column,
-                ensembl_column=args.ensembl_column,
-                measurement=args.measurement,
-                workdir=args.tmp_dir,
+                layer=opts.layer,
+                use_raw=opts.use_raw,
+                gene_column=opts.gene_column,
+                ensembl_column=opts.ensembl_column,
+                measurement=opts.measurement,
+                workdir=opts.tmp_dir,
             )
             prepared.append(Prepared(name, reader, None, ""))  # type: ignore[arg-type]
             prepared[-1].obs_present = present_columns(reader, columns, optional)  # fail before any work
-            stats = scan_input(reader, args.block_rows, progress=not args.no_progress)
+            stats = scan_input(reader, opts.block_rows, progress=not opts.no_progress)
             prepared[-1].stats = stats
-            prepared[-1].value_kind = decide_value_kind(stats, reader, args.value_kind)
-        vocab = choose_vocab(args, prepared)
+            prepared[-1].value_kind = decide_value_kind(stats, reader, opts.value_kind)
+        vocab = choose_vocab(opts, prepared)
         for p in prepared:
             p.match = vocab.match(p.reader.var_names, p.reader.ensembl)
             p.report = {
@@ -300,13 +327,13 @@ def _ingest_locked(args: argparse.Namespace) -> fmt.StoreIndex:
             }
             print_report(p)
         for p in prepared:
-            check_match(p, args.min_match)
+            check_match(p, opts.min_match)
         if index is not None:
-            append_datasets(out, index, vocab, prepared, args, columns)
+            append_datasets(out, index, vocab, prepared, opts, columns)
         else:
-            with staged_store(out, overwrite=args.overwrite) as staged:
+            with staged_store(out, overwrite=opts.overwrite) as staged:
                 for i, p in enumerate(prepared):
-                    write_dataset(staged, vocab, p, "create" if i == 0 else "append", args, columns)
+                    write_dataset(staged, vocab, p, "create" if i == 0 else "append", opts, columns)
     finally:
         for p in prepared:
             p.reader.close()
@@ -318,6 +345,5 @@ def _ingest_locked(args: argparse.Namespace) -> fmt.StoreIndex:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    ingest(args)
+    ingest(IngestOptions(**vars(build_parser().parse_args(argv))))
     return 0

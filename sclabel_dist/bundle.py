@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +25,18 @@ BUNDLE_FORMAT = "sclabel-bundle"
 BUNDLE_VERSION = 1
 WEIGHTS, CONFIG, VOCAB, CARD = ("model.safetensors", "config.json", "vocab.json", "README.md")
 FILES = (WEIGHTS, CONFIG, VOCAB, CARD)
+
+if TYPE_CHECKING:
+    from sclabel_dist.config import TokenizeConfig
+    from sclabel_dist.model.args import ModelArgs
+
+
+def tokenize_config(raw: dict) -> TokenizeConfig:
+    """A bundle's tokenisation settings as a TokenizeConfig (strict: unknown keys are an error)."""
+    from sclabel_dist.config import TokenizeConfig, from_dict
+
+    # a bundle from before the gene bag existed has no such key, and its model reads no bag
+    return from_dict(TokenizeConfig, {"gene_bag": False, **raw}, where="bundle config.json tokenize")
 
 
 @dataclass
@@ -39,10 +51,38 @@ class Bundle:
     checksums: dict[str, str] = field(default_factory=dict)
 
     @property
-    def model_args(self):
+    def model_args(self) -> ModelArgs:
         from sclabel_dist.model.args import ModelArgs
 
         return ModelArgs.from_dict(self.config["model_args"])
+
+    @property
+    def tokenize(self) -> TokenizeConfig:
+        """How this model's cells are tokenised, as saved at export or fine-tuning (a fresh copy each call)."""
+        return tokenize_config(self.config["tokenize"])
+
+    @property
+    def labels(self) -> list[str] | None:
+        """The class names of a fine-tuned classifier (index = class id); None for a pretrained export."""
+        labels = self.config.get("labels")
+        return None if labels is None else [str(c) for c in labels]
+
+    @property
+    def input_genes(self) -> list[str] | None:
+        """The genes the classifier reads, by name (None: every vocabulary gene)."""
+        genes = self.config.get("input_genes")
+        return None if genes is None else [str(g) for g in genes]
+
+    @property
+    def value_kind(self) -> str | None:
+        """The value kind the classifier was fine-tuned on ('counts' / 'lognorm'); None if not fine-tuned."""
+        return self.config.get("finetune", {}).get("value_kind")
+
+    def classifier(self) -> torch.nn.Module:
+        """The fine-tuned classifier exactly as saved (head included), in eval mode."""
+        from sclabel_dist.annotate.classifier import load_classifier
+
+        return load_classifier(self.config["model_args"], self.state_dict)
 
     def build_model(self, **overrides: Any) -> torch.nn.Module:
         """ScLabelNet with the bundle's weights (strict), in eval mode; `overrides` change model args first

@@ -109,27 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from accelerate import Accelerator
 
-    from sclabel_dist.annotate import baseline
-    from sclabel_dist.annotate.classifier import resolve_bundle_dir
-    from sclabel_dist.annotate.h5ad import read_h5ad, read_labels
+    from sclabel_dist.annotate import baseline, pipeline
     from sclabel_dist.annotate.report import classification_metrics, format_table
     from sclabel_dist.bundle import load_bundle
-    from sclabel_dist.finetune import (
-        fit,
-        make_split,
-        parse_config,
-        prepare_input,
-        prepare_run_dir,
-        save_outputs,
-    )
     from sclabel_dist.fresh import fresh_bundle_like
+    from sclabel_dist.outdir import prepare_out_dir
 
     args, extra = build_parser().parse_known_args(argv)
     arms = parse_arms(args.arms)
     if not 0.0 < args.test_fraction < 1.0:
         raise SclabelError(f"--test-fraction {args.test_fraction}: must be between 0 and 1")
-    args.no_upsample, args.seed = False, None
-    cfg = parse_config(args, extra)
+    cfg = pipeline.finetune_config(args.config, extra, train_mode=args.train_mode)
     # The test part is evaluation's own choice: `sclabel finetune` trains on every labelled cell by default.
     cfg.data.test_fraction = args.test_fraction
     # cpu=True on a machine without CUDA is what lets torchrun / accelerate launch run several CPU processes
@@ -140,16 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     data = Path(args.data)
     out = Path(args.out or f"runs/evaluate/{data.stem}")
-    prepare_run_dir(out, args.overwrite, create=False)
-    bundle = load_bundle(resolve_bundle_dir(args.model))
-    inp = read_h5ad(data, layer=cfg.data.layer or None)
-    labels = read_labels(inp, args.label_key)
-    log(
-        f"data: {inp.path} ({inp.X.shape[0]:,} cells x {inp.X.shape[1]:,} genes, {inp.value_kind}); model: {bundle.path}"
-    )
-    prep = prepare_input(bundle, inp, cfg, log)
+    prepare_out_dir(out, args.overwrite, create=False)
+    li = pipeline.read_labelled(args.model, data, args.label_key, cfg.data.layer)
+    bundle, inp = li.bundle, li.inp
+    log(pipeline.describe(li))
+    prep = pipeline.prepare_input(bundle, inp, cfg, log)
     if main_proc:
-        prepare_run_dir(out, args.overwrite, create=True)
+        prepare_out_dir(out, args.overwrite, create=True)
     accelerator.wait_for_everyone()
 
     def arm_bundle(arm: str, seed: int) -> Any:
@@ -165,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:
         cfg.train.seed = seed
-        split = make_split(labels, inp, cfg, args.split_key)
+        split = pipeline.make_split(li.labels, inp, cfg, args.split_key)
         if len(split.test) == 0:
             raise SclabelError(
                 f"{data}: the split column {args.split_key!r} names no 'test' cells to score on"
@@ -192,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                 name = f"{ARM_NAMES[arm]} ({'up-sampling' if upsample else 'no up-sampling'})"
                 log(f"seed {seed} {name}:")
                 t0 = time.perf_counter()
-                fitted = fit(start, prep, split, cfg, accelerator, log=log)
+                fitted = pipeline.fit(start, prep, split, cfg, accelerator, log=log)
                 minutes = (time.perf_counter() - t0) / 60
                 m = fitted.test_metrics
                 rows.append(
@@ -216,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
                         "split_key": args.split_key,
                         "minutes": minutes,
                     }
-                    save_outputs(run, start, prep, split, fitted, cfg, info, save_model=args.save_models)
+                    pipeline.save_outputs(
+                        run, start, prep, split, fitted, cfg, info, save_model=args.save_models
+                    )
     summary = summarise(rows)
     test_part = (
         f"the 'test' cells of obs[{args.split_key!r}]"

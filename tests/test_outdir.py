@@ -11,8 +11,8 @@ import pytest
 import scipy.sparse as sp
 
 from sclabel_dist.errors import SclabelError
-from sclabel_dist.finetune import prepare_run_dir  # what finetune and evaluate call
 from sclabel_dist.outdir import MARKER
+from sclabel_dist.outdir import prepare_out_dir as prepare_run_dir  # what finetune and evaluate call
 
 
 def _user_dir(tmp_path: Path) -> Path:

@@ -8,13 +8,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-
-def tokenize_config(raw: dict) -> Any:
-    """The bundle's tokenisation settings as a TokenizeConfig (strict: unknown keys are an error)."""
-    from sclabel_dist.config import TokenizeConfig, from_dict
-
-    # a bundle from before the gene bag existed has no such key, and its model reads no bag
-    return from_dict(TokenizeConfig, {"gene_bag": False, **raw}, where="bundle config.json tokenize")
+from sclabel_dist.bundle import tokenize_config  # noqa: F401  (predict imports it from here)
 
 
 @torch.no_grad()

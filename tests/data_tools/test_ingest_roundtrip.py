@@ -220,3 +220,18 @@ def test_gene_column_and_versioned_ensembl_index(tmp_path: Path) -> None:
     ingest([str(src), "-o", str(tmp_path / "b"), "--vocab", str(tmp_path / "ids.json"), "--no-progress"])
     for store in (tmp_path / "a", tmp_path / "b"):
         assert _same(read_dataset(store, "v"), X)  # same gene order as the vocabulary: identity mapping
+
+
+def test_ingest_options_are_the_command_line_typed() -> None:
+    """The library takes IngestOptions, never the argparse Namespace; the two must not drift apart."""
+    import dataclasses
+
+    from data_tools.ingest import IngestOptions, build_parser
+
+    parsed = vars(build_parser().parse_args(["a.h5ad", "-o", "s"]))
+    fields = {f.name: f for f in dataclasses.fields(IngestOptions)}
+    assert set(parsed) == set(fields)
+    defaults = IngestOptions(inputs=["a.h5ad"], out="s")
+    assert {k: v for k, v in parsed.items() if k not in ("inputs", "out", "dataset_name")} == {
+        k: getattr(defaults, k) for k in parsed if k not in ("inputs", "out", "dataset_name")
+    }

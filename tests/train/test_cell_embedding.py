@@ -84,8 +84,8 @@ def probe_f1(bundle, h5ad, weights: str, seed: int = 0) -> float:
     from sclabel_dist.annotate.genes import classifier_input
     from sclabel_dist.annotate.h5ad import read_h5ad, read_labels
     from sclabel_dist.annotate.inference import run_model
+    from sclabel_dist.annotate.pipeline import prepare_input
     from sclabel_dist.config import FinetuneConfig
-    from sclabel_dist.finetune import prepare_input
     from sclabel_dist.model.net import ScLabelNet
 
     torch.manual_seed(seed)
