@@ -2,7 +2,9 @@
 
 Each component receives only its own section (`cfg.data`, `cfg.model`, ...). Unknown keys are errors, so a
 typo in a YAML file or an override never silently falls back to a default. Each field's one-line doc is the
-string in its `metadata["doc"]`.
+string in its `metadata["doc"]`. The tree owns validation: `Literal` fields list their choices, and each
+section's `validate()` holds its range rules; load_config runs them all (library functions given a section
+built in code call its validate() themselves). The command line over a tree is config_cli.py.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from sclabel_dist.errors import SclabelError
 
@@ -24,6 +26,34 @@ def doc(default: Any, text: str) -> Any:
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata={"doc": text})
     return field(default=default, metadata={"doc": text})
+
+
+def _at_least(section: str, obj: Any, names: tuple[str, ...], low: int = 1) -> None:
+    for name in names:
+        if getattr(obj, name) < low:
+            raise SclabelError(f"{section}.{name}={getattr(obj, name)}: must be >= {low}")
+
+
+def _fraction(section: str, obj: Any, names: tuple[str, ...], one: bool = False) -> None:
+    """Each field in [0, 1), or [0, 1] with `one`."""
+    for name in names:
+        value = getattr(obj, name)
+        if not (0.0 <= value <= 1.0 if one else 0.0 <= value < 1.0):
+            raise SclabelError(f"{section}.{name}={value}: must be in [0, {'1]' if one else '1)'}")
+
+
+def _in_choices(where: str, value: Any, hint: Any) -> None:
+    choices = typing.get_args(hint)
+    if value not in choices:
+        raise SclabelError(f"{where}={value!r}: choose from {list(choices)}")
+
+
+def check_choices(section: str, obj: Any) -> None:
+    """Every Literal field of dataclass `obj` holds one of its choices (a section built in code, too)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        if typing.get_origin(hints[f.name]) is Literal:
+            _in_choices(f"{section}.{f.name}", getattr(obj, f.name), hints[f.name])
 
 
 @dataclass
@@ -45,20 +75,30 @@ class DataConfig:
         "", "vocab.json of the run ('' = the first Zarr store's); needed when all stores are SOMA"
     )
 
+    def validate(self) -> None:
+        if self.weights and len(self.weights) != len(self.stores):
+            raise SclabelError(f"data.weights has {len(self.weights)} entries for {len(self.stores)} stores")
+        if self.weights and (min(self.weights) < 0 or sum(self.weights) <= 0):
+            raise SclabelError(f"data.weights {self.weights}: must be >= 0 with a positive sum")
+        _fraction("data", self, ("val_fraction",))
+        _at_least("data", self, ("batch_size", "chunk_size", "shuffle_chunks", "read_threads", "read_ahead"))
+
 
 @dataclass
 class TokenizeConfig:
     """How a cell becomes tokens: the exact settings are saved in the export bundle."""
 
     max_len: int = doc(512, "tokens per cell including CLS; more non-zero genes are subsampled")
-    value_encoding: str = doc(
+    value_encoding: Literal["binned", "continuous"] = doc(
         "binned", "'binned' (per-cell quantile bins, as scGPT) or 'continuous' (log1p per 10k)"
     )
     num_bins: int = doc(51, "number of expression bins for the binned encoding")
-    train_gene_selection: str = doc(
+    train_gene_selection: Literal["random", "top"] = doc(
         "random", "'random' (seeded subset) or 'top' when a cell has > max_len genes"
     )
-    eval_gene_selection: str = doc("top", "gene selection at evaluation / inference (deterministic)")
+    eval_gene_selection: Literal["random", "top"] = doc(
+        "top", "gene selection at evaluation / inference (deterministic)"
+    )
     mask_ratio: float = doc(0.15, "fraction of a cell's real tokens whose value is masked for MLM")
     pad_to_max_len: bool = doc(
         False, "pad every batch to max_len (static shapes) instead of its longest cell"
@@ -68,12 +108,22 @@ class TokenizeConfig:
         "add a value-weighted sum of the embeddings of ALL the cell's genes (beyond max_len too) to CLS",
     )
 
+    def validate(self) -> None:
+        check_choices("tokenize", self)
+        if self.max_len < 2:
+            raise SclabelError(f"tokenize.max_len={self.max_len}: needs room for CLS and one gene (>= 2)")
+        if self.value_encoding == "binned" and self.num_bins < 1:
+            raise SclabelError(f"tokenize.num_bins={self.num_bins}: must be >= 1")
+        _fraction("tokenize", self, ("mask_ratio",))
+
 
 @dataclass
 class ModelConfig:
     """ScLabel-Net architecture; `flavour` picks a size from the table, non-zero fields override it."""
 
-    flavour: str = doc("debug", "size flavour: debug, small, base, large")
+    flavour: Literal["debug", "small", "base", "large"] = doc(
+        "debug", "size flavour: debug, small, base, large"
+    )
     dim: int = doc(0, "hidden width (0 = from flavour)")
     depth: int = doc(0, "encoder blocks (0 = from flavour)")
     heads: int = doc(0, "attention heads (0 = from flavour)")
@@ -88,6 +138,13 @@ class ModelConfig:
         "weight of a contrastive loss between the cell embeddings of two views of each cell (0 = MLM only)",
     )
 
+    def validate(self) -> None:
+        check_choices("model", self)
+        _at_least("model", self, ("dim", "depth", "heads"), low=0)
+        _fraction("model", self, ("dropout",))
+        if self.mlp_ratio <= 0 or self.contrastive < 0:
+            raise SclabelError(f"model.mlp_ratio={self.mlp_ratio} must be > 0, model.contrastive >= 0")
+
 
 @dataclass
 class TrainConfig:
@@ -101,8 +158,8 @@ class TrainConfig:
     weight_decay: float = doc(0.01, "AdamW weight decay")
     grad_accum: int = doc(1, "micro-batches per optimizer step")
     grad_clip: float = doc(1.0, "gradient norm clip (0 = off)")
-    precision: str = doc("fp32", "'fp32' or 'bf16'")
-    zero_stage: int = doc(2, "DeepSpeed ZeRO stage: 0, 1, 2 or 3")
+    precision: Literal["fp32", "bf16"] = doc("fp32", "'fp32' or 'bf16'")
+    zero_stage: Literal[0, 1, 2, 3] = doc(2, "DeepSpeed ZeRO stage: 0, 1, 2 or 3")
     val_every: int = doc(0, "validation loss every N steps (0 = off)")
     val_batches: int = doc(4, "batches per validation")
     deepspeed: str = doc(
@@ -111,6 +168,13 @@ class TrainConfig:
     init_from: str = doc(
         "", "export bundle whose weights start a new run (ignored when resuming a checkpoint)"
     )
+
+    def validate(self) -> None:
+        check_choices("train", self)
+        _at_least("train", self, ("max_steps", "grad_accum", "val_batches"))
+        _at_least("train", self, ("warmup_steps", "val_every"), low=0)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise SclabelError(f"train.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
 
 
 @dataclass
@@ -122,6 +186,9 @@ class CheckpointConfig:
     keep: int = doc(3, "keep the last K checkpoints")
     resume: str = doc("auto", "'auto' (newest complete checkpoint if any), 'never', or a checkpoint path")
 
+    def validate(self) -> None:
+        _at_least("checkpoint", self, ("every", "keep"))
+
 
 @dataclass
 class LogConfig:
@@ -131,6 +198,9 @@ class LogConfig:
     every: int = doc(10, "log every N steps")
     tensorboard: bool = doc(True, "write TensorBoard event files")
     progress: bool = doc(True, "progress bar when attached to a terminal")
+
+    def validate(self) -> None:
+        _at_least("log", self, ("every",))
 
 
 @dataclass
@@ -147,6 +217,17 @@ class PretrainConfig:
 
 # ----------------------------------------------------------------------------------------------------------
 # loading
+
+
+def validate(cfg: Any) -> Any:
+    """Run every section's validate() (depth first) over a config tree; returns `cfg`."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
 
 
 def from_dict(cls: type[T], raw: dict[str, Any], where: str = "config") -> T:
@@ -168,6 +249,9 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, where)
     origin = typing.get_origin(hint)
+    if origin is Literal:
+        _in_choices(where, value, hint)
+        return value
     if origin in (types.UnionType, typing.Union):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         return None if value is None else _coerce(args[0], value, where)
@@ -225,7 +309,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
-    """Read a YAML file (or nothing: all defaults), apply overrides, validate strictly."""
+    """Read a YAML file (or nothing: all defaults), apply overrides, check types and keys, then validate()."""
     import yaml
 
     raw: dict[str, Any] = {}
@@ -238,7 +322,7 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
         except yaml.YAMLError as exc:
             raise SclabelError(f"{path}: invalid YAML: {exc}") from None
     raw = apply_overrides(raw, overrides or [])
-    return from_dict(cls, raw, where=str(path) if path else "config")
+    return validate(from_dict(cls, raw, where=str(path) if path else "config"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -259,16 +343,24 @@ class FinetuneDataConfig:
     min_cells_per_class: int = doc(2, "classes with fewer labelled cells are left out and reported")
     min_matched_genes: int = doc(100, "refuse data with fewer genes found in the model vocabulary")
     min_matched_fraction: float = doc(0.5, "refuse data whose matched genes carry less of the expression")
-    genes: str = doc(
+    genes: Literal["hvg", "all"] = doc(
         "hvg",
         "genes the classifier reads: 'hvg' (the num_genes most variable of the non-test cells) or 'all'",
     )
     num_genes: int = doc(2000, "how many most-variable genes with genes=hvg (the baseline's 2,000)")
     max_len: int = doc(128, "tokens per cell in fine-tuning and prediction (0 = the bundle's max_len)")
-    train_gene_selection: str = doc(
+    train_gene_selection: Literal["top", "random"] = doc(
         "top",
         "genes kept when a cell has more than max_len in training: 'top' (as in prediction) or 'random'",
     )
+
+    def validate(self) -> None:
+        check_choices("data", self)
+        _fraction("data", self, ("test_fraction", "val_fraction"))
+        _fraction("data", self, ("min_matched_fraction",), one=True)
+        _at_least("data", self, ("min_cells_per_class", "min_matched_genes", "max_len"), low=0)
+        if self.genes == "hvg" and self.num_genes < 1:
+            raise SclabelError(f"data.num_genes {self.num_genes}: must be >= 1 with data.genes=hvg")
 
 
 @dataclass
@@ -278,6 +370,11 @@ class UpsampleConfig:
     enabled: bool = doc(True, "repeat cells of rare classes (drawn with replacement) in the training split")
     target: str = doc("max", "cells per class to reach: 'max' (largest class) or a number")
     cap: int = doc(1000, "upper bound on the per-class target (0 = none)")
+
+    def validate(self) -> None:
+        if self.target != "max" and not (str(self.target).isdigit() and int(self.target) >= 1):
+            raise SclabelError(f"upsample.target={self.target!r}: 'max' or a number of cells >= 1")
+        _at_least("upsample", self, ("cap",), low=0)
 
 
 @dataclass
@@ -310,6 +407,17 @@ class FinetuneTrainConfig:
         "cells for that many epochs and keep that model",
     )
     eval_batch_size: int = doc(64, "cells per batch for validation, test and prediction")
+
+    def validate(self) -> None:
+        _at_least("train", self, ("epochs", "batch_size", "eval_batch_size"))
+        _at_least(
+            "train",
+            self,
+            ("max_steps_per_epoch", "min_steps_per_epoch", "probe_epochs", "patience", "min_epochs"),
+            low=0,
+        )
+        _fraction("train", self, ("dropout",))
+        _fraction("train", self, ("warmup_fraction", "label_smoothing"), one=True)
 
 
 @dataclass

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from sclabel_dist.config import FinetuneConfig
+from sclabel_dist.config_cli import add_config_options, config_overrides
 from sclabel_dist.errors import SclabelError
 
 UPSAMPLE_CHOICES = {"on": [True], "off": [False], "both": [True, False]}
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         epilog=USAGE_EXAMPLES.format(test=EVALUATE_TEST_FRACTION),
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # a mistyped --section.key is an error, never a prefix of another
     )
     p.add_argument("--model", required=True, help="export bundle directory (pretrained)")
     p.add_argument("--data", required=True, help="labelled .h5ad file")
@@ -72,11 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"stratified fraction of labelled cells held out as the test (default {EVALUATE_TEST_FRACTION}; "
         "ignored with --split-key)",
     )
-    p.add_argument("--config", default=None, help="YAML FinetuneConfig")
     p.add_argument("--split-key", default=None, help="obs column with train / val / test per cell")
     p.add_argument("--train-mode", default=None, help="full | frozen | top:N")
     p.add_argument("--save-models", action="store_true", help="also write each fine-tuned bundle")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    add_config_options(p, FinetuneConfig)
     return p
 
 
@@ -115,11 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     from sclabel_dist.fresh import fresh_bundle_like
     from sclabel_dist.outdir import prepare_out_dir
 
-    args, extra = build_parser().parse_known_args(argv)
+    args = build_parser().parse_args(argv)
     arms = parse_arms(args.arms)
     if not 0.0 < args.test_fraction < 1.0:
         raise SclabelError(f"--test-fraction {args.test_fraction}: must be between 0 and 1")
-    cfg = pipeline.finetune_config(args.config, extra, train_mode=args.train_mode)
+    cfg = pipeline.finetune_config(args.config, config_overrides(args), train_mode=args.train_mode)
     # The test part is evaluation's own choice: `sclabel finetune` trains on every labelled cell by default.
     cfg.data.test_fraction = args.test_fraction
     # cpu=True on a machine without CUDA is what lets torchrun / accelerate launch run several CPU processes

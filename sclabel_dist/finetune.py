@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 from sclabel_dist.annotate import pipeline
+from sclabel_dist.config import FinetuneConfig
+from sclabel_dist.config_cli import add_config_options, config_overrides
 from sclabel_dist.outdir import prepare_out_dir as prepare_run_dir
 
 USAGE_EXAMPLES = """examples:
@@ -28,6 +30,7 @@ def build_parser(prog: str = "sclabel finetune") -> argparse.ArgumentParser:
         description=__doc__,
         epilog=USAGE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # a mistyped --section.key is an error, never a prefix of another
     )
     p.add_argument("--model", required=True, help="export bundle directory (from `sclabel export`)")
     p.add_argument("--data", required=True, help="labelled .h5ad file")
@@ -35,12 +38,12 @@ def build_parser(prog: str = "sclabel finetune") -> argparse.ArgumentParser:
     p.add_argument(
         "--out", required=True, help="run directory to write (bundle in OUT/model, metrics, plots)"
     )
-    p.add_argument("--config", default=None, help="YAML FinetuneConfig (e.g. configs/finetune/default.yaml)")
     p.add_argument("--split-key", default=None, help="obs column with train / val / test per cell")
     p.add_argument("--no-upsample", action="store_true", help="do not up-sample rare classes")
     p.add_argument("--train-mode", default=None, help="full | frozen | top:N (overrides train.train_mode)")
     p.add_argument("--seed", type=int, default=None, help="overrides train.seed")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    add_config_options(p, FinetuneConfig)  # --config configs/finetune/default.yaml, then --section.key=value
     return p
 
 
@@ -48,9 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from accelerate import Accelerator
 
-    args, extra = build_parser().parse_known_args(argv)
+    args = build_parser().parse_args(argv)
     cfg = pipeline.finetune_config(
-        args.config, extra, upsample=not args.no_upsample, train_mode=args.train_mode, seed=args.seed
+        args.config,
+        config_overrides(args),
+        upsample=not args.no_upsample,
+        train_mode=args.train_mode,
+        seed=args.seed,
     )
     # cpu=True on a machine without CUDA is what lets torchrun / accelerate launch run several CPU processes
     # (gloo); with it unset Accelerate falls back to one process per launch.

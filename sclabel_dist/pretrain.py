@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from sclabel_dist.bundle import load_bundle
 from sclabel_dist.checkpoint import find_verified_resume, load_checkpoint, read_state, save_checkpoint
-from sclabel_dist.config import PretrainConfig, load_config, to_dict
+from sclabel_dist.config import PretrainConfig, to_dict
+from sclabel_dist.config_cli import add_config_options, load_from_args
 from sclabel_dist.distributed.ds_config import build_deepspeed_config, rescale_batch
 from sclabel_dist.distributed.env import prepare_process, read_dist_env
 from sclabel_dist.distributed.lifeline import die_with_parent
@@ -33,10 +34,7 @@ from sclabel_dist.universal import convert_to_universal
 
 def main(argv: list[str] | None = None) -> int:
     # -- config ---------------------------------------------------------------------------------------------
-    parser = argparse.ArgumentParser(prog="sclabel_dist.pretrain", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML run config (configs/pretrain/*.yaml)")
-    args, rest = parser.parse_known_args(argv)
-    cfg = load_config(PretrainConfig, args.config, normalise_overrides(rest))
+    cfg = parse_args(argv)
     tc = cfg.train
 
     # -- processes: DS_ACCELERATOR=cpu + gloo without a GPU; deepspeed is imported only after that -----------
@@ -183,6 +181,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """`--config` and one `--section.key` option per PretrainConfig field (--help shows each default and doc)."""
+    parser = argparse.ArgumentParser(
+        prog="sclabel_dist.pretrain", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
+    add_config_options(parser, PretrainConfig)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> PretrainConfig:
+    """The run config of a command line: configs/pretrain/*.yaml, then `--section.key=value` overrides."""
+    return load_from_args(PretrainConfig, build_parser().parse_args(argv))
+
+
 def keep_global_batch(cfg: PretrainConfig, saved: dict, env) -> None:
     """Resuming on another world size: rescale micro-batch and accumulation (in `cfg`) so that cells per
     optimizer step stay what the checkpoint trained with; the LR schedule and the loader's place depend on it."""
@@ -228,27 +240,6 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(values)
         values /= dist.get_world_size()
     return values.cpu()
-
-
-def normalise_overrides(rest: list[str]) -> list[str]:
-    """Accept both `--section.key=value` and `--section.key value`."""
-    out, i = [], 0
-    while i < len(rest):
-        item = rest[i]
-        if (
-            item.startswith("--")
-            and "=" not in item
-            and i + 1 < len(rest)
-            and not rest[i + 1].startswith("--")
-        ):
-            out.append(f"{item}={rest[i + 1]}")
-            i += 2
-        else:
-            if not item.startswith("--"):
-                raise SclabelError(f"unexpected argument {item!r}; overrides look like --section.key=value")
-            out.append(item)
-            i += 1
-    return out
 
 
 def inject_test_fault(step: int, env) -> None:

@@ -34,8 +34,6 @@ def build_classifier(
 
     A pretrained model's own head (from an earlier fine-tune) is dropped: its classes are not ours.
     """
-    if not 0.0 <= dropout < 1.0:
-        raise SclabelError(f"train.dropout {dropout}: must be in [0, 1)")
     torch.manual_seed(seed)  # the new head's init is part of the run's seed
     return build_from_weights(
         model_args, state_dict, "bundle", new_head=True, num_classes=num_classes, dropout=dropout

@@ -99,15 +99,7 @@ def build_corpus(data: DataConfig, *, split: str, seed: int, vocab: GeneVocab | 
         raise SclabelError(f"split {split!r}: choose from {SPLITS}")
     if not data.stores:
         raise SclabelError("data.stores is empty: give at least one cell store or SOMA experiment")
-    if data.weights and len(data.weights) != len(data.stores):
-        raise SclabelError(f"data.weights has {len(data.weights)} entries for {len(data.stores)} stores")
-    if data.weights and (min(data.weights) < 0 or sum(data.weights) <= 0):
-        raise SclabelError(f"data.weights {data.weights}: must be >= 0 with a positive sum")
-    if not 0.0 <= data.val_fraction < 1.0:
-        raise SclabelError(f"data.val_fraction={data.val_fraction}: must be in [0, 1)")
-    for name in ("batch_size", "chunk_size", "shuffle_chunks", "read_threads", "read_ahead"):
-        if getattr(data, name) < 1:
-            raise SclabelError(f"data.{name}={getattr(data, name)}: must be >= 1")
+    data.validate()
     vocab = vocab or run_vocab(data)
     stores, selections = [], []
     for i, uri in enumerate(data.stores):

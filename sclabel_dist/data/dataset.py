@@ -26,7 +26,7 @@ from sclabel_dist.data import partition, shuffle
 from sclabel_dist.data.batch import CellBatch
 from sclabel_dist.data.corpus import Corpus, build_corpus
 from sclabel_dist.data.stores.base import HAVE_NUMBA, CSRBlock
-from sclabel_dist.data.tokenize import check_config, tokenize_block
+from sclabel_dist.data.tokenize import tokenize_block
 from sclabel_dist.errors import SclabelError
 
 _BATCHES_AHEAD = 2  # per read thread: tokenised batches in flight
@@ -49,7 +49,7 @@ class StreamingCellDataset:
     ):
         if not 0 <= rank < world_size:
             raise SclabelError(f"rank {rank} outside world size {world_size}")
-        check_config(tokenize)
+        tokenize.validate()
         self.corpus = corpus
         self.data = data
         self.tokenize = tokenize

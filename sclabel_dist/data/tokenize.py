@@ -31,24 +31,7 @@ from sclabel_dist.data.csr import sort_within_rows
 from sclabel_dist.errors import SclabelError
 from sclabel_dist.vocab import CLS_ID, NUM_SPECIAL
 
-VALUE_ENCODINGS = ("binned", "continuous")
-GENE_SELECTIONS = ("random", "top")
 _SCALE = 1e4
-
-
-def check_config(cfg: TokenizeConfig) -> None:
-    """Raise SclabelError on a tokenisation setting out of range."""
-    if cfg.max_len < 2:
-        raise SclabelError(f"tokenize.max_len={cfg.max_len}: needs room for CLS and one gene (>= 2)")
-    if cfg.value_encoding not in VALUE_ENCODINGS:
-        raise SclabelError(f"tokenize.value_encoding={cfg.value_encoding!r}: choose from {VALUE_ENCODINGS}")
-    for name in ("train_gene_selection", "eval_gene_selection"):
-        if getattr(cfg, name) not in GENE_SELECTIONS:
-            raise SclabelError(f"tokenize.{name}={getattr(cfg, name)!r}: choose from {GENE_SELECTIONS}")
-    if cfg.value_encoding == "binned" and cfg.num_bins < 1:
-        raise SclabelError(f"tokenize.num_bins={cfg.num_bins}: must be >= 1")
-    if not 0.0 <= cfg.mask_ratio < 1.0:
-        raise SclabelError(f"tokenize.mask_ratio={cfg.mask_ratio}: must be in [0, 1)")
 
 
 def value_keys(data: np.ndarray) -> np.ndarray:
@@ -265,7 +248,7 @@ def tokenize_csr(
     """
     import scipy.sparse as sp
 
-    check_config(cfg)
+    cfg.validate()  # a section built or changed in code (fine-tuning sets max_len) is checked here
     if value_kind not in ("counts", "lognorm"):
         raise SclabelError(f"value_kind {value_kind!r}: choose 'counts' or 'lognorm'")
     csr = sp.csr_matrix(csr)

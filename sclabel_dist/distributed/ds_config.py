@@ -19,12 +19,9 @@ def build_deepspeed_config(
 
     The optimizer and scheduler are created by engine.py (torch AdamW + our warmup-cosine), so none appear here.
     """
-    if train_cfg.zero_stage not in (0, 1, 2, 3):
-        raise SclabelError(f"train.zero_stage must be 0, 1, 2 or 3, got {train_cfg.zero_stage}")
-    if train_cfg.precision not in ("fp32", "bf16"):
-        raise SclabelError(f"train.precision must be 'fp32' or 'bf16', got {train_cfg.precision!r}")
-    if train_cfg.grad_accum < 1 or micro_batch_size < 1 or world_size < 1:
-        raise SclabelError("train.grad_accum, data.batch_size and the world size must be >= 1")
+    train_cfg.validate()
+    if micro_batch_size < 1 or world_size < 1:
+        raise SclabelError("data.batch_size and the world size must be >= 1")
     cfg = copy.deepcopy(preset or {})
     for key in ("optimizer", "scheduler", "fp16"):
         cfg.pop(key, None)  # ours are built in code; fp16 is not supported (bf16 is)

@@ -72,8 +72,7 @@ class ModelArgs:
 
 def build_model_args(model_cfg: Any, tokenize_cfg: Any, vocab_size: int, num_classes: int = 0) -> ModelArgs:
     """ModelArgs from the `model` and `tokenize` config sections; non-zero dim/depth/heads override the flavour."""
-    if model_cfg.flavour not in FLAVOURS:
-        raise SclabelError(f"model.flavour: unknown {model_cfg.flavour!r}; choose from {sorted(FLAVOURS)}")
+    model_cfg.validate()  # its flavour choices are FLAVOURS' keys (tests/train/test_config.py checks)
     dim, depth, heads = FLAVOURS[model_cfg.flavour]
     return ModelArgs(
         vocab_size=vocab_size,

@@ -12,7 +12,6 @@ from sclabel_dist.distributed.ds_config import build_deepspeed_config
 from sclabel_dist.distributed.env import read_dist_env
 from sclabel_dist.errors import SclabelError
 from sclabel_dist.optim import warmup_cosine
-from sclabel_dist.pretrain import normalise_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,12 +54,6 @@ def test_dist_env_and_overrides():
     )
     assert (env.rank, env.local_rank, env.world_size, env.restart_count) == (3, 1, 4, 1)
     assert read_dist_env({}).world_size == 1
-    assert normalise_overrides(["--checkpoint.resume", "auto", "--train.max_steps=5"]) == [
-        "--checkpoint.resume=auto",
-        "--train.max_steps=5",
-    ]
-    with pytest.raises(SclabelError):
-        normalise_overrides(["stray"])
 
 
 @pytest.mark.parametrize("name", ["debug", "lung_100k", "atlas", "shared_sets"])
