@@ -231,7 +231,8 @@ def save_checkpoint(
         return path  # already saved (e.g. the final step coincides with a periodic save)
 
     def write_shards() -> None:
-        failed = ds.save_checkpoint(engine, root, tag, client_state={"sclabel_state": state})
+        # The train state is stored once, as JSON (STATE_FILE): not also in DeepSpeed's pickled client state.
+        failed = ds.save_checkpoint(engine, root, tag, client_state={})
         if failed:
             raise _WriteFailed(describe_write_error(*failed))
         save_rng(path / "rng", rank)

@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,10 +28,12 @@ from sclabel_dist.errors import SclabelError
 from sclabel_dist.metrics import MetricsLogger, StepTimer, peak_flops, peak_memory_gb
 from sclabel_dist.model.args import build_model_args, count_params, flops_per_token
 from sclabel_dist.model.net import ScLabelNet, mlm_loss
+from sclabel_dist.train_state import TrainState
 from sclabel_dist.universal import convert_to_universal
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, after_step: Callable[[int], None] | None = None) -> int:
+    """Run a pretraining. after_step(step) runs after each optimizer step (tests inject faults there)."""
     # -- config ---------------------------------------------------------------------------------------------
     cfg = parse_args(argv)
     tc = cfg.train
@@ -66,17 +67,16 @@ def main(argv: list[str] | None = None) -> int:
 
     train_data = dataset("train")
     vocab = train_data.vocab
-    if tc.val_every:  # an empty held-out split would log a meaningless 0 loss: refuse it up front
-        probe = dataset("val")
-        num_val_batches = probe.num_batches_per_epoch
-        probe.close()
-        if num_val_batches == 0:
-            raise SclabelError(
-                f"validation split has no batch: data.val_fraction={cfg.data.val_fraction} of the corpus in "
-                f"chunks of data.chunk_size={cfg.data.chunk_size} rows gives fewer than "
-                f"{cfg.data.batch_size * env.world_size} cells; raise val_fraction, lower chunk_size, "
-                "or set train.val_every=0"
-            )
+    # Built once: every validation replays the same first val_batches batches of this stream.
+    val_data = dataset("val") if tc.val_every else None
+    # an empty held-out split would log a meaningless 0 loss: refuse it up front
+    if val_data is not None and val_data.num_batches_per_epoch == 0:
+        raise SclabelError(
+            f"validation split has no batch: data.val_fraction={cfg.data.val_fraction} of the corpus in "
+            f"chunks of data.chunk_size={cfg.data.chunk_size} rows gives fewer than "
+            f"{cfg.data.batch_size * env.world_size} cells; raise val_fraction, lower chunk_size, "
+            "or set train.val_every=0"
+        )
 
     # -- model and engine -------------------------------------------------------------------------------------
     model_args = build_model_args(cfg.model, cfg.tokenize, vocab_size=len(vocab) + 2)
@@ -91,11 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     step = 0
     if resume_from is not None:
         t0 = time.perf_counter()
-        state = load_checkpoint(engine, resume_from, env.rank, to_universal=convert_to_universal)
+        saved = load_checkpoint(engine, resume_from, env.rank, to_universal=convert_to_universal)
+        resumed = TrainState.from_state_dict(saved, resume_from)
         resume_s = time.perf_counter() - t0
-        vocab.checked(state["vocab_hash"], resume_from, "the checkpoint's vocabulary")
-        train_data.load_state_dict(state["loader"])
-        step = state["step"]
+        vocab.checked(resumed.vocab_hash, resume_from, "the checkpoint's vocabulary")
+        train_data.load_state_dict(resumed.loader)
+        step = resumed.step
 
     # -- logging ----------------------------------------------------------------------------------------------
     logger = MetricsLogger(cfg.log.dir, env.is_main, tc.max_steps, step, cfg.log)
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             loss_sum += torch.stack([loss.detach().float(), acc.float()])
         step += 1
         timer.steps += 1
-        inject_test_fault(step, env)
+        if after_step is not None:
+            after_step(step)
 
         if step % cfg.log.every == 0 or step == tc.max_steps:
             loss_v, acc_v = mean_over_ranks(loss_sum / tc.grad_accum).tolist()
@@ -150,29 +152,31 @@ def main(argv: list[str] | None = None) -> int:
         logger.advance(step)
 
         if tc.val_every and step % tc.val_every == 0:
-            val = validate(engine, dataset("val"), tc.val_batches, device)
+            val = validate(engine, val_data, tc.val_batches, device)
             last.update({f"val_{k}": v for k, v in val.items()})
             logger.log(step, val, prefix="val")
 
         if step % cfg.checkpoint.every == 0 or step == tc.max_steps:
-            state = {
-                "step": step,
-                "loader": train_data.state_dict(),
-                "world_size": env.world_size,
-                "metrics": last,
-                "config": to_dict(cfg),
-                "model_args": model_args.to_dict(),
-                "vocab_hash": vocab.hash,
-            }
+            state = TrainState(
+                step=step,
+                loader=train_data.state_dict(),
+                world_size=env.world_size,
+                metrics=last,
+                config=to_dict(cfg),
+                model_args=model_args.to_dict(),
+                vocab_hash=vocab.hash,
+            )
             t0 = time.perf_counter()
             path = save_checkpoint(
-                engine, cfg.checkpoint.dir, step, state, vocab, env.rank, cfg.checkpoint.keep
+                engine, cfg.checkpoint.dir, step, state.state_dict(), vocab, env.rank, cfg.checkpoint.keep
             )
             if env.is_main:
                 print(f"checkpoint: saved {path} in {time.perf_counter() - t0:.2f}s", flush=True)
 
     # -- done -------------------------------------------------------------------------------------------------
     train_data.close()
+    if val_data is not None:
+        val_data.close()
     logger.close()
     if env.is_main:
         print(f"pretrain: finished at step {step}; checkpoints in {cfg.checkpoint.dir}", flush=True)
@@ -214,7 +218,9 @@ def keep_global_batch(cfg: PretrainConfig, saved: dict, env) -> None:
 
 
 def validate(engine, val_data, num_batches: int, device: str) -> dict[str, float]:
-    """Mean MLM loss and accuracy over the first `num_batches` held-out batches (same count on every rank)."""
+    """Mean MLM loss and accuracy over the first `num_batches` held-out batches (same count on every rank).
+
+    `val_data` is built once per run; a validation stream restarts at its first batch on every iteration."""
     engine.eval()
     total, n = torch.zeros(2, device=device), 0
     with torch.no_grad():
@@ -227,7 +233,6 @@ def validate(engine, val_data, num_batches: int, device: str) -> dict[str, float
             )
             total += torch.stack([loss.float(), acc.float()])
             n += 1
-    val_data.close()
     engine.train()
     loss, acc = mean_over_ranks(total / max(n, 1)).tolist()
     return {"loss": loss, "mlm_acc": acc}
@@ -242,19 +247,12 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     return values.cpu()
 
 
-def inject_test_fault(step: int, env) -> None:
-    """Tests only: SCLABEL_TEST_KILL_AT_STEP=k makes rank 1 SIGKILL itself after step k on the first attempt."""
-    kill_at = int(os.environ.get("SCLABEL_TEST_KILL_AT_STEP", "0"))
-    if kill_at and step == kill_at and env.rank == min(1, env.world_size - 1) and env.restart_count == 0:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def cli() -> int:
+def cli(after_step: Callable[[int], None] | None = None) -> int:
     """Entry point: a user error (config, data, checkpoint) becomes one line on stderr and exit code 2."""
     import sys
 
     try:
-        return main()
+        return main(after_step=after_step)
     except SclabelError as exc:
         print(f"sclabel_dist.pretrain: error: {exc}", file=sys.stderr)
         return 2

@@ -211,24 +211,32 @@ class StreamingCellDataset:
                     w += 1
                 following[2] = w
 
-        while b_next < plan.num_batches or pending:
-            while b_next < plan.num_batches and len(pending) < _BATCHES_AHEAD * self.data.read_threads:
-                p0 = min(b_next * bsz, plan.num_samples)
-                p1 = min(p0 + bsz, plan.num_samples)
-                first = plan.window_of(p0)
-                last = plan.window_of(p1 - 1) if p1 > p0 else first
-                submit_reads(max(last, first + max_windows - 1))
-                for w in [w for w in windows if w < first]:
-                    del windows[w]  # batch jobs already hold the futures they need
-                parts = [(windows[w], int(plan.window_starts[w])) for w in range(first, last + 1) if p1 > p0]
-                pending.append(pool.submit(self._make_batch, parts, p0, p1, epoch, segment, b_next))
-                b_next += 1
-            batch = pending.popleft().result()
-            if count:
-                self._consumed += bsz  # counted when handed over: read-ahead is not consumption
-            if following and b_next >= plan.num_batches and not pending:
-                self._carry = (epoch + 1, following[1], following[2])  # set before the last hand-over
-            yield batch
+        try:
+            while b_next < plan.num_batches or pending:
+                while b_next < plan.num_batches and len(pending) < _BATCHES_AHEAD * self.data.read_threads:
+                    p0 = min(b_next * bsz, plan.num_samples)
+                    p1 = min(p0 + bsz, plan.num_samples)
+                    first = plan.window_of(p0)
+                    last = plan.window_of(p1 - 1) if p1 > p0 else first
+                    submit_reads(max(last, first + max_windows - 1))
+                    for w in [w for w in windows if w < first]:
+                        del windows[w]  # batch jobs already hold the futures they need
+                    parts = [
+                        (windows[w], int(plan.window_starts[w])) for w in range(first, last + 1) if p1 > p0
+                    ]
+                    pending.append(pool.submit(self._make_batch, parts, p0, p1, epoch, segment, b_next))
+                    b_next += 1
+                batch = pending.popleft().result()
+                if count:
+                    self._consumed += bsz  # counted when handed over: read-ahead is not consumption
+                if following and b_next >= plan.num_batches and not pending:
+                    self._carry = (epoch + 1, following[1], following[2])  # set before the last hand-over
+                yield batch
+        finally:
+            # A consumer that stops early (validation reads only its first batches) leaves reads queued:
+            # cancel those not yet started, so they do not compete with training. Done ones are unaffected.
+            for fut in [*pending, *windows.values()]:
+                fut.cancel()
 
     def _read_window(self, plan: partition.RankPlan, w: int, epoch: int, segment: int) -> tuple:
         store, pos = partition.window_rows(

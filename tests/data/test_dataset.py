@@ -106,6 +106,13 @@ def test_val_split_by_fraction_and_by_dataset(store_a):
     val = build_dataset(dcfg([path], val_fraction=0.25), TOK, rank=0, world_size=1, seed=2, split="val")
     first = [b.gene_ids for b in val]
     assert all(torch.equal(a, b.gene_ids) for a, b in zip(first, val, strict=True))
+    # pretraining builds the validation stream once and reads its first batches at every validation: a
+    # stream left half way restarts at its first batch, masks included
+    whole = list(val)
+    for _ in range(2):
+        head = list(itertools.islice(iter(val), 2))
+        assert all(same(a, b) for a, b in zip(whole[:2], head, strict=True))
+    val.close()
 
 
 def test_obs_filter_keeps_one_tissue(store_a):

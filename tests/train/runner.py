@@ -2,6 +2,7 @@
 
 SCLABEL_TEST_PROBE=PATH    after the final checkpoint, run the live engine on a fixed probe batch and write
                            its outputs to PATH (safetensors) so the export test can compare a bundle with it
+SCLABEL_TEST_KILL_AT_STEP=k  rank 1 SIGKILLs itself after step k on the first attempt (pretrain's after_step hook)
 """
 
 from __future__ import annotations
@@ -62,9 +63,27 @@ def install_probe(path: str) -> None:
     pretrain.save_checkpoint = save_and_probe
 
 
+def kill_at_step(kill_at: int):
+    """An after_step hook: rank 1 (rank 0 alone) SIGKILLs itself after step `kill_at`, on the first attempt only."""
+    import signal
+
+    from sclabel_dist.distributed.env import read_dist_env
+
+    env = read_dist_env()
+
+    def after_step(step: int) -> None:
+        if step == kill_at and env.rank == min(1, env.world_size - 1) and env.restart_count == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return after_step
+
+
 if __name__ == "__main__":
     if os.environ.get("SCLABEL_TEST_PROBE"):
         install_probe(os.environ["SCLABEL_TEST_PROBE"])
+    kill_at = int(os.environ.get("SCLABEL_TEST_KILL_AT_STEP", "0"))
     from sclabel_dist.pretrain import cli
 
-    raise SystemExit(cli())  # as `-m sclabel_dist.pretrain`: a user error is one line and exit code 2
+    raise SystemExit(
+        cli(after_step=kill_at_step(kill_at) if kill_at else None)
+    )  # as `-m sclabel_dist.pretrain`: a user error is one line and exit code 2
