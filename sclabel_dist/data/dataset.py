@@ -25,7 +25,7 @@ from sclabel_dist.config import DataConfig, TokenizeConfig
 from sclabel_dist.data import partition, shuffle
 from sclabel_dist.data.batch import CellBatch
 from sclabel_dist.data.corpus import Corpus, build_corpus
-from sclabel_dist.data.stores.base import HAVE_NUMBA, CSRBlock
+from sclabel_dist.data.stores.base import CSRBlock
 from sclabel_dist.data.tokenize import tokenize_block
 from sclabel_dist.errors import SclabelError
 
@@ -71,14 +71,13 @@ class StreamingCellDataset:
         # uninterrupted uses them (segment 0 from position 0); anything else drops them.
         self._carry: tuple[int, dict[int, Future], int] | None = None
         self._pin = torch.cuda.is_available()
-        if HAVE_NUMBA:
-            # Import the compiled kernels (numba: ~0.5 s, ~100k objects) now, not in a reader thread while
-            # the stream runs; the full garbage collection the new objects trigger then happens here too.
-            import gc
+        # Import the compiled kernels (numba: ~0.5 s, ~100k objects) now, not in a reader thread while the
+        # stream runs; the full garbage collection the new objects trigger then happens here too.
+        import gc
 
-            import sclabel_dist.data.kernels  # noqa: F401
+        import sclabel_dist.data.kernels  # noqa: F401
 
-            gc.collect()
+        gc.collect()
 
     # -- plans -----------------------------------------------------------------------------------------
 

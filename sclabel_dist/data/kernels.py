@@ -1,6 +1,7 @@
 """Compiled per-row kernels of the loader (numba): the tokeniser and gene bag, the CSR row gather, COO -> CSR.
 
-The tokeniser makes one pass per cell of a CSR block, with the same rules as tokenize.py's numpy path.
+The tokeniser makes one pass per cell of a CSR block, with the rules of tokenize.py's docstring; the numpy
+oracle they are tested against is tests/data/tokenize_oracle.py.
 
 Why compiled: the numpy path makes ~20 passes over every non-zero (packing, sorting, scattering) and is
 memory bound at ~10k cells/s per core; here each cell is handled in cache in O(nnz) (a counting sort for
@@ -176,7 +177,7 @@ def numba_arrays(
     mask: bool,
     rng: np.random.Generator | None,
 ) -> tuple[np.ndarray, ...]:
-    """(gene_ids, inputs, attention, masked, targets) of a CSR block, as tokenize._numpy_arrays."""
+    """(gene_ids, inputs, attention, masked, targets) of a CSR block (oracle: tests/data/tokenize_oracle.py)."""
     from sclabel_dist.data.masking import num_masked
 
     n = len(indptr) - 1
@@ -223,7 +224,7 @@ def numba_arrays(
 @njit(nogil=True, cache=True)
 def _bag_kernel(indptr, indices, data, lognorm, gene_ids, masked, ids, weights):
     # Most counts are small integers: their log-values come from a per-cell table (a log1p per element cost
-    # twice the whole tokeniser), computed by the same expression as tokenize.continuous_values.
+    # twice the whole tokeniser), computed by the same expression as the oracle's continuous_values (tests/data/tokenize_oracle.py).
     table = np.empty(_BAG_TABLE, dtype=np.float64)
     for i in range(len(indptr) - 1):
         s, e = indptr[i], indptr[i + 1]
@@ -278,8 +279,10 @@ def numba_gene_bag(
     gene_ids: np.ndarray,
     masked: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """tokenize.gene_bag_arrays in one pass per cell (the numpy version's sorts and searches cost more than
-    the whole tokeniser)."""
+    """(token ids, row offsets, weights) of every non-zero gene of the block, for the model's gene bag, in one
+    pass per cell. The weights are the continuous values (log1p per 10k over all of the cell's counts) whatever
+    the token encoding, so the bag carries absolute levels that per-cell bins drop; a gene whose token value
+    is masked gets weight 0 (the bag must not leak what MLM asks for). Oracle: tests/data/tokenize_oracle.py."""
     total = int(indptr[-1])
     ids = np.empty(total, dtype=np.int64)
     weights = np.empty(total, dtype=np.float32)

@@ -5,21 +5,25 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import tokenize_oracle as oracle
 import torch
+from tokenize_oracle import bin_values, mask_tokens
 
 from sclabel_dist.config import TokenizeConfig
-from sclabel_dist.data.masking import mask_tokens, num_masked
-from sclabel_dist.data.tokenize import bin_values, tokenize_csr
+from sclabel_dist.data.masking import num_masked
+from sclabel_dist.data.tokenize import tokenize_csr
 from sclabel_dist.errors import SclabelError
 from sclabel_dist.vocab import CLS_ID, NUM_SPECIAL, PAD_ID
 
 
-@pytest.fixture(autouse=True, params=["numpy", "numba"])
+@pytest.fixture(autouse=True, params=["numba", "numpy"])
 def backend(request, monkeypatch) -> str:
-    """Every test runs against both tokeniser backends."""
-    if request.param == "numba":
-        pytest.importorskip("numba")
-    monkeypatch.setenv("SCLABEL_TOKENIZE_BACKEND", request.param)
+    """Every test runs against the compiled kernels and, in their place, their numpy oracle."""
+    if request.param == "numpy":
+        from sclabel_dist.data import kernels
+
+        monkeypatch.setattr(kernels, "numba_arrays", oracle.numpy_arrays)
+        monkeypatch.setattr(kernels, "numba_gene_bag", oracle.gene_bag_arrays)
     return request.param
 
 
@@ -118,8 +122,9 @@ def test_masking_rules():
     assert torch.equal(b.values[~b.masked], b.targets[~b.masked])
 
 
-def test_backends_agree_at_evaluation(backend):
-    pytest.importorskip("numba")
+def test_kernels_agree_with_the_oracle_at_evaluation(backend):
+    if backend != "numba":
+        pytest.skip("compares the kernels with the oracle")
     from sclabel_dist.data.tokenize import tokenize_block
 
     rng = np.random.default_rng(3)
@@ -130,14 +135,12 @@ def test_backends_agree_at_evaluation(backend):
     for enc in ("binned", "continuous"):
         c = cfg(max_len=40, value_encoding=enc, num_bins=11)
         lognorm = rng.random(64) < 0.3
-        out = [
-            tokenize_block(
-                m.indptr, m.indices, m.data, lognorm, c, train=False, mask=False, rng=None, backend=b
-            )
-            for b in ("numpy", "numba")
-        ]
-        assert torch.equal(out[0].gene_ids, out[1].gene_ids)
-        torch.testing.assert_close(out[0].values, out[1].values)
+        fast = tokenize_block(m.indptr, m.indices, m.data, lognorm, c, train=False, mask=False, rng=None)
+        ids, values, *_ = oracle.numpy_arrays(
+            m.indptr.astype(np.int64), m.indices, m.data, lognorm, c, "top", False, None
+        )
+        assert torch.equal(fast.gene_ids, torch.from_numpy(ids))
+        torch.testing.assert_close(fast.values, torch.from_numpy(values))
 
 
 def test_mask_tokens_exact_counts():
@@ -200,10 +203,9 @@ def test_gene_bag_holds_every_gene_with_lognorm_weights_and_hides_masked_ones():
 
 
 def test_gene_bag_hides_masked_genes_in_rows_with_unsorted_genes_too(backend):
-    from sclabel_dist.data.tokenize import gene_bag_arrays
+    from sclabel_dist.data import kernels
 
-    if backend == "numba":
-        from sclabel_dist.data.kernels import numba_gene_bag as gene_bag_arrays
+    gene_bag_arrays = kernels.numba_gene_bag  # the oracle under the numpy param (the fixture swaps it in)
     indptr = np.array([0, 3, 5])
     data = np.array([1.0, 2.0, 3.0, 4.0, 5.0], dtype=np.float32)
     gene_ids = np.array(
@@ -216,10 +218,12 @@ def test_gene_bag_hides_masked_genes_in_rows_with_unsorted_genes_too(backend):
         assert hidden == {9, 1} and offsets.tolist() == [0, 3]
 
 
-def test_gene_bag_kernel_matches_the_numpy_reference():
-    pytest.importorskip("numba")
+def test_gene_bag_kernel_matches_the_numpy_reference(backend):
+    if backend != "numba":
+        pytest.skip("compares the kernel with the oracle")
+    from tokenize_oracle import gene_bag_arrays
+
     from sclabel_dist.data.kernels import numba_gene_bag
-    from sclabel_dist.data.tokenize import gene_bag_arrays
 
     rng = np.random.default_rng(3)
     m = sp.random(
@@ -235,3 +239,15 @@ def test_gene_bag_kernel_matches_the_numpy_reference():
     np.testing.assert_array_equal(ref[1], fast[1])
     np.testing.assert_allclose(ref[2], fast[2], rtol=1e-6)
     assert (ref[2] == 0).sum() == b.masked.sum() > 0
+
+
+def test_row_gather_kernel_matches_the_numpy_reference(backend):
+    if backend != "numba":
+        pytest.skip("compares the kernel with the oracle")
+    from sclabel_dist.data.kernels import take_rows
+
+    m = sp.random(50, 80, density=0.3, format="csr", random_state=6, dtype=np.float32)
+    rows = np.random.default_rng(7).permutation(50)[:30]
+    args = (m.indptr.astype(np.int64), m.indices.astype(np.uint16), m.data, rows)
+    for got, want in zip(take_rows(*args), oracle.take_rows(*args), strict=True):
+        np.testing.assert_array_equal(got, want)

@@ -12,7 +12,8 @@ import numpy as np
 from sclabel_dist.errors import SclabelError
 from sclabel_dist.vocab import GeneVocab
 
-HAVE_NUMBA = importlib.util.find_spec("numba") is not None  # compiled kernels (kernels.py), else numpy
+# soma_store.py keeps a numpy fallback of its COO -> CSR kernel; the rest of data/ uses kernels.py always
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 
 
 @dataclass
@@ -49,16 +50,10 @@ class CSRBlock:
         """The block's rows in the order `rows` (a vectorised CSR row gather)."""
         rows = np.asarray(rows, dtype=np.int64)
         ids = None if self.ids is None else self.ids[rows]
-        if HAVE_NUMBA:
-            from sclabel_dist.data.kernels import take_rows
+        from sclabel_dist.data.kernels import take_rows
 
-            indptr, indices, data = take_rows(self.indptr, self.indices, self.data, rows)
-            return CSRBlock(indptr, indices, data, self.lognorm[rows], self.num_genes, ids)
-        lengths = self.indptr[rows + 1] - self.indptr[rows]
-        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=indptr[1:])
-        src = np.repeat(self.indptr[rows] - indptr[:-1], lengths) + np.arange(int(indptr[-1]))
-        return CSRBlock(indptr, self.indices[src], self.data[src], self.lognorm[rows], self.num_genes, ids)
+        indptr, indices, data = take_rows(self.indptr, self.indices, self.data, rows)
+        return CSRBlock(indptr, indices, data, self.lognorm[rows], self.num_genes, ids)
 
     @staticmethod
     def concat(blocks: Sequence[CSRBlock], num_genes: int) -> CSRBlock:
