@@ -106,47 +106,6 @@ def select_genes(
     return keep
 
 
-def _numpy_arrays(
-    indptr: np.ndarray,
-    indices: np.ndarray,
-    data: np.ndarray,
-    lognorm: np.ndarray,
-    cfg: TokenizeConfig,
-    how: str,
-    mask: bool,
-    rng: np.random.Generator | None,
-) -> tuple[np.ndarray, ...]:
-    """The reference implementation: flat numpy passes and packed-key sorts."""
-    from sclabel_dist.data.masking import mask_tokens
-
-    n = len(indptr) - 1
-    if cfg.value_encoding == "binned":
-        values = bin_values(indptr, data, cfg.num_bins)
-        vdtype = np.int64
-    else:
-        values = continuous_values(indptr, data, lognorm)
-        vdtype = np.float32
-    keep = select_genes(indptr, data, cfg.max_len - 1, how, rng)
-    counts = np.diff(indptr)
-    row = np.repeat(np.arange(n, dtype=np.int64), counts)[keep]
-    kept = np.bincount(row, minlength=n).astype(np.int64)
-    kptr = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
-    length = cfg.max_len if cfg.pad_to_max_len else 1 + int(kept.max(initial=0))
-    # Column of each kept token: 1 + its place among the row's kept tokens (column 0 is CLS).
-    flat = row * length + 1 + np.arange(len(row), dtype=np.int64) - kptr[:-1][row]
-    gene_ids = np.zeros((n, length), dtype=np.int64)
-    gene_ids[:, 0] = CLS_ID
-    gene_ids.reshape(-1)[flat] = indices[keep].astype(np.int64) + NUM_SPECIAL
-    targets = np.zeros((n, length), dtype=vdtype)
-    targets.reshape(-1)[flat] = values[keep]
-    attention = np.arange(length)[None, :] <= kept[:, None]
-    masked = np.zeros((n, length), dtype=bool)
-    if mask and cfg.mask_ratio > 0:
-        masked.reshape(-1)[flat] = mask_tokens(kptr, cfg.mask_ratio, rng or np.random.default_rng())
-    inputs = np.where(masked, np.zeros((), dtype=vdtype), targets)
-    return gene_ids, inputs, attention, masked, targets
-
-
 def mask_tokens(indptr: np.ndarray, ratio: float, rng: np.random.Generator) -> np.ndarray:
     """Bool over the flat real tokens of a CSR-shaped token list (row i = tokens indptr[i]:indptr[i+1]).
 
@@ -177,7 +136,8 @@ def numpy_arrays(
     mask: bool,
     rng: np.random.Generator | None,
 ) -> tuple[np.ndarray, ...]:
-    """kernels.numba_arrays in flat numpy passes and packed-key sorts (the oracle the kernels are checked against)."""
+    """kernels.numba_arrays in flat numpy passes and packed-key sorts (the oracle the kernels are checked
+    against)."""
     n = len(indptr) - 1
     if cfg.value_encoding == "binned":
         values = bin_values(indptr, data, cfg.num_bins)
