@@ -132,7 +132,9 @@ def write_checksums(path: Path, rank: int, world: int) -> None:
     files = checksummed_files(path)
     mine = {name: sha256_file(path / name) for name in files[rank::world]}
     merged: dict[str, str] = {}
-    for part in _all_gather(mine):
+    # world == 1 is one process writing alone (a conversion on rank 0 while the others wait): no collective,
+    # even when a process group of another size exists
+    for part in _all_gather(mine) if world > 1 else [mine]:
         merged.update(part)
     if rank == 0:
         write_text_atomic(path / SUMS, format_sums({n: merged[n] for n in sorted(merged)}))
