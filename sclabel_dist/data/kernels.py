@@ -99,11 +99,12 @@ def _kernel(
         s, e = indptr[r], indptr[r + 1]
         n = e - s
         o = bag_offsets[i]
-        gene_ids[i, 0] = CLS_ID
-        attention[i, 0] = True
-        targets[i, 0] = 0
-        inputs[i, 0] = 0
-        masked[i, 0] = False
+        gi, ti, ii, mi, ai = gene_ids[i], targets[i], inputs[i], masked[i], attention[i]
+        gi[0] = CLS_ID
+        ai[0] = True
+        ti[0] = 0
+        ii[0] = 0
+        mi[0] = False
         vmax = 0.0
         total = 0.0
         integral = True
@@ -165,12 +166,12 @@ def _kernel(
             # table (a log1p per element cost twice the whole tokeniser).
             btotal = max(total, 1e-12)
             table[:] = -1.0  # filled on first use: log-values are >= 0
-        col = 1
-        for j in range(n):
-            if bag:
-                if logn:
+        if bag:
+            if logn:
+                for j in range(n):
                     bag_weights[o + j] = data[s + j]
-                else:
+            else:
+                for j in range(n):
                     x = v[j]
                     t = int(x)
                     if t == x and t < _BAG_TABLE:
@@ -179,29 +180,33 @@ def _kernel(
                         bag_weights[o + j] = table[t]
                     else:
                         bag_weights[o + j] = np.log1p(x / btotal * _SCALE)
-            if keep[j]:
-                if counting:
-                    val = np.float64(hist[int(v[j])])
-                elif binned:
-                    val = tv[j]
-                elif logn:
-                    val = v[j]
-                else:
-                    val = np.log1p(v[j] * scale)
-                gene_ids[i, col] = indices[s + j] + NUM_SPECIAL
-                targets[i, col] = val
-                inputs[i, col] = val
-                attention[i, col] = True
-                masked[i, col] = False
-                src[col] = j
-                col += 1
-        nk = col - 1
+        # The kept positions, compacted without a branch (a random subset mispredicts every other test).
+        nk = 0
+        for j in range(n):
+            src[nk + 1] = j
+            nk += keep[j]
+        for col in range(1, nk + 1):
+            j = src[col]
+            if counting:
+                val = np.float64(hist[int(v[j])])
+            elif binned:
+                val = tv[j]
+            elif logn:
+                val = v[j]
+            else:
+                val = np.log1p(v[j] * scale)
+            gi[col] = indices[s + j] + NUM_SPECIAL
+            ti[col] = val
+            ii[col] = val
+            ai[col] = True
+            mi[col] = False
+        col = nk + 1
         for c in range(col, length):  # padding
-            gene_ids[i, c] = PAD_ID
-            targets[i, c] = 0
-            inputs[i, c] = 0
-            attention[i, c] = False
-            masked[i, c] = False
+            gi[c] = PAD_ID
+            ti[c] = 0
+            ii[c] = 0
+            ai[c] = False
+            mi[c] = False
         m = num_mask[i]
         if m > 0:
             for t in range(nk):
@@ -212,15 +217,15 @@ def _kernel(
                 q = t + _below(bits, nk - t)
                 idx[t], idx[q] = idx[q], idx[t]
                 c = idx[t]
-                masked[i, c] = True
-                inputs[i, c] = 0
+                mi[c] = True
+                ii[c] = 0
                 if bag:
                     # The bag must not leak a masked value: zero the weight of the token's gene (in a row
                     # with unsorted genes, its first occurrence, as numba_gene_bag does).
                     if ordered:
                         bag_weights[o + src[c]] = 0.0
                     else:
-                        g = gene_ids[i, c]
+                        g = gi[c]
                         for j in range(n):
                             if bag_ids[o + j] == g:
                                 bag_weights[o + j] = 0.0
