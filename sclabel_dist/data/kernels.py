@@ -1,6 +1,7 @@
 """Compiled per-row kernels of the loader (numba): the tokeniser and gene bag, the CSR row gather, COO -> CSR.
 
-The tokeniser makes one pass per cell of a CSR block, with the rules of tokenize.py's docstring; the numpy
+The tokeniser makes one pass per cell of a CSR block, with the rules of tokenize.py's docstring, reading a
+batch's rows where its window holds them and filling the gene bag in the same pass (numba_tokens); the numpy
 oracle they are tested against is tests/data/tokenize_oracle.py.
 
 Why compiled: the numpy path makes ~20 passes over every non-zero (packing, sorting, scattering) and is
@@ -391,7 +392,9 @@ def numba_gene_bag(
     """(token ids, row offsets, weights) of every non-zero gene of the block, for the model's gene bag, in one
     pass per cell. The weights are the continuous values (log1p per 10k over all of the cell's counts) whatever
     the token encoding, so the bag carries absolute levels that per-cell bins drop; a gene whose token value
-    is masked gets weight 0 (the bag must not leak what MLM asks for). Oracle: tests/data/tokenize_oracle.py."""
+    is masked gets weight 0 (the bag must not leak what MLM asks for). Oracle: tests/data/tokenize_oracle.py.
+    The loader gets the same from numba_tokens(bag=True) within the tokeniser's pass; this one takes tokens made
+    elsewhere, and is what the tests hold the fused pass to."""
     total = int(indptr[-1])
     ids = np.empty(total, dtype=np.int64)
     weights = np.empty(total, dtype=np.float32)
