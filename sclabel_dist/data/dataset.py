@@ -30,6 +30,34 @@ from sclabel_dist.data.tokenize import tokenize_block
 from sclabel_dist.errors import SclabelError
 
 _BATCHES_AHEAD = 2  # per read thread: tokenised batches in flight
+_MMAP_THRESHOLD = 32 << 20  # glibc's largest
+_TRIM_THRESHOLD = 128 << 20
+
+
+def _keep_freed_memory() -> None:
+    """Let glibc reuse the memory of freed batches instead of handing it back to the kernel.
+
+    A tokenised batch is ~11 MB of arrays made in a reader thread and freed by the consumer. With glibc's
+    defaults each comes from a fresh mmap (or a heap top trimmed as soon as it is freed), so every batch
+    page-faults all its memory in again: a third of the tokenised path's CPU (benchmarks/RESULTS.md, issue
+    20). Raising the mmap and trim thresholds (process-wide; memory is kept, at most what was in use at
+    once) makes them reuse the arena. Skipped off glibc and when MALLOC_*_THRESHOLD_ is set by the user.
+    """
+    import ctypes
+    import os
+    import platform
+    import sys
+
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_TRIM_THRESHOLD_"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, _MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, _TRIM_THRESHOLD)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 class StreamingCellDataset:
@@ -78,6 +106,7 @@ class StreamingCellDataset:
         import sclabel_dist.data.kernels  # noqa: F401
 
         gc.collect()
+        _keep_freed_memory()
 
     # -- plans -----------------------------------------------------------------------------------------
 
@@ -217,13 +246,16 @@ class StreamingCellDataset:
                     p1 = min(p0 + bsz, plan.num_samples)
                     first = plan.window_of(p0)
                     last = plan.window_of(p1 - 1) if p1 > p0 else first
-                    submit_reads(max(last, first + max_windows - 1))
+                    # This batch's windows, then the batch, then the read-ahead: the first batch waits on
+                    # its own window only, not on the whole read-ahead (FIFO: still only on earlier jobs).
+                    submit_reads(last)
                     for w in [w for w in windows if w < first]:
                         del windows[w]  # batch jobs already hold the futures they need
                     parts = [
                         (windows[w], int(plan.window_starts[w])) for w in range(first, last + 1) if p1 > p0
                     ]
                     pending.append(pool.submit(self._make_batch, parts, p0, p1, epoch, segment, b_next))
+                    submit_reads(max(last, first + max_windows - 1))
                     b_next += 1
                 batch = pending.popleft().result()
                 if count:
@@ -252,8 +284,13 @@ class StreamingCellDataset:
             block, order = fut.result()
             lo, hi = max(p0 - w_start, 0), min(p1 - w_start, len(order))
             if hi > lo:
-                pieces.append(block.take(order[lo:hi]))
-        block = CSRBlock.concat(pieces, self.corpus.num_genes)
+                pieces.append((block, order[lo:hi]))
+        rows = None
+        if not self.raw and len(pieces) == 1:
+            # The usual case, a batch inside one window: the tokeniser reads its rows in place.
+            block, rows = pieces[0]
+        else:
+            block = CSRBlock.concat([b.take(r) for b, r in pieces], self.corpus.num_genes)
         if self.raw:
             return block
         rng = shuffle.token_rng(self.seed, epoch, segment, self.rank, index)
@@ -266,6 +303,7 @@ class StreamingCellDataset:
             train=self.train,
             mask=True,
             rng=rng,
+            rows=rows,
         )
         return batch.pin_memory() if self._pin else batch
 

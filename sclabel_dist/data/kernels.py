@@ -1,6 +1,7 @@
 """Compiled per-row kernels of the loader (numba): the tokeniser and gene bag, the CSR row gather, COO -> CSR.
 
-The tokeniser makes one pass per cell of a CSR block, with the rules of tokenize.py's docstring; the numpy
+The tokeniser makes one pass per cell of a CSR block, with the rules of tokenize.py's docstring, reading a
+batch's rows where its window holds them and filling the gene bag in the same pass (numba_tokens); the numpy
 oracle they are tested against is tests/data/tokenize_oracle.py.
 
 Why compiled: the numpy path makes ~20 passes over every non-zero (packing, sorting, scattering) and is
@@ -18,7 +19,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from sclabel_dist.config import TokenizeConfig
-from sclabel_dist.vocab import CLS_ID, NUM_SPECIAL
+from sclabel_dist.vocab import CLS_ID, NUM_SPECIAL, PAD_ID
 
 _MAX_COUNTING = 4096  # integer values below this are binned by a counting sort, others by argsort
 _SCALE = 1e4
@@ -61,6 +62,7 @@ def _kernel(
     indices,
     data,
     lognorm,
+    rows,
     integer_values,
     seeds,
     num_mask,
@@ -73,26 +75,41 @@ def _kernel(
     inputs,
     masked,
     attention,
+    bag,
+    bag_offsets,
+    bag_ids,
+    bag_weights,
 ):
+    """Output row i is the block's row rows[i] (read in place: no gathered copy of the batch first). Every
+    element of the outputs is written (they come from np.empty), and with `bag` the row's gene bag too."""
     width = 1
-    for i in range(len(indptr) - 1):
-        width = max(width, indptr[i + 1] - indptr[i])
+    for i in range(len(rows)):
+        r = rows[i]
+        width = max(width, indptr[r + 1] - indptr[r])
+    length = gene_ids.shape[1]
     # Scratch reused by every cell: no allocation per cell.
     hist = np.zeros(_MAX_COUNTING + 2, dtype=np.int64)
     v = np.empty(width, dtype=np.float64)
     tv = np.empty(width, dtype=np.float64)
     keep = np.empty(width, dtype=np.bool_)
     idx = np.empty(width, dtype=np.int64)
-    for i in range(len(indptr) - 1):
-        s, e = indptr[i], indptr[i + 1]
+    src = np.empty(width + 1, dtype=np.int64)  # column -> the row's non-zero it holds (masking the bag)
+    table = np.empty(_BAG_TABLE, dtype=np.float64)
+    for i in range(len(rows)):
+        r = rows[i]
+        s, e = indptr[r], indptr[r + 1]
         n = e - s
-        gene_ids[i, 0] = CLS_ID
-        attention[i, 0] = True
-        if n == 0:
-            continue
+        o = bag_offsets[i]
+        gi, ti, ii, mi, ai = gene_ids[i], targets[i], inputs[i], masked[i], attention[i]
+        gi[0] = CLS_ID
+        ai[0] = True
+        ti[0] = 0
+        ii[0] = 0
+        mi[0] = False
         vmax = 0.0
         total = 0.0
         integral = True
+        ordered = True
         for j in range(n):
             x = np.float64(data[s + j])
             v[j] = x
@@ -100,9 +117,15 @@ def _kernel(
             vmax = max(vmax, x)
             if not integer_values and x != np.floor(x):
                 integral = False
+            if bag:
+                bag_ids[o + j] = indices[s + j] + NUM_SPECIAL
+                if j > 0 and indices[s + j] <= indices[s + j - 1]:
+                    ordered = False
         # Values are computed over every gene of the cell, before the subset is taken.
         counting = binned and integral and vmax < _MAX_COUNTING
-        if counting:
+        if n == 0:
+            pass
+        elif counting:
             # Counting sort: counts are small integers, so binning is O(nnz + max) per cell; afterwards
             # hist[c] is the bin of value c (1 + floor(num_bins * #values below c / n)).
             m = int(vmax) + 1
@@ -133,27 +156,58 @@ def _kernel(
             state = seeds[0] + np.uint64(i) * _GOLDEN
             for t in range(pick):
                 state, bits = _next(state)
-                r = t + _below(bits, n - t)
-                idx[t], idx[r] = idx[r], idx[t]
+                q = t + _below(bits, n - t)
+                idx[t], idx[q] = idx[q], idx[t]
                 keep[idx[t]] = flag
         scale = _SCALE / max(total, 1e-12)
-        col = 1
+        logn = lognorm[r]
+        if bag and not logn:
+            # The bag's weights: log1p per 10k, the same expression as the oracle's continuous_values
+            # (tests/data/tokenize_oracle.py); most counts are small integers and take theirs from a per-cell
+            # table (a log1p per element cost twice the whole tokeniser).
+            btotal = max(total, 1e-12)
+            table[:] = -1.0  # filled on first use: log-values are >= 0
+        if bag:
+            if logn:
+                for j in range(n):
+                    bag_weights[o + j] = data[s + j]
+            else:
+                for j in range(n):
+                    x = v[j]
+                    t = int(x)
+                    if t == x and t < _BAG_TABLE:
+                        if table[t] < 0.0:
+                            table[t] = np.log1p(t / btotal * _SCALE)
+                        bag_weights[o + j] = table[t]
+                    else:
+                        bag_weights[o + j] = np.log1p(x / btotal * _SCALE)
+        # The kept positions, compacted without a branch (a random subset mispredicts every other test).
+        nk = 0
         for j in range(n):
-            if keep[j]:
-                if counting:
-                    val = np.float64(hist[int(v[j])])
-                elif binned:
-                    val = tv[j]
-                elif lognorm[i]:
-                    val = v[j]
-                else:
-                    val = np.log1p(v[j] * scale)
-                gene_ids[i, col] = indices[s + j] + NUM_SPECIAL
-                targets[i, col] = val
-                inputs[i, col] = val
-                attention[i, col] = True
-                col += 1
-        nk = col - 1
+            src[nk + 1] = j
+            nk += keep[j]
+        for col in range(1, nk + 1):
+            j = src[col]
+            if counting:
+                val = np.float64(hist[int(v[j])])
+            elif binned:
+                val = tv[j]
+            elif logn:
+                val = v[j]
+            else:
+                val = np.log1p(v[j] * scale)
+            gi[col] = indices[s + j] + NUM_SPECIAL
+            ti[col] = val
+            ii[col] = val
+            ai[col] = True
+            mi[col] = False
+        col = nk + 1
+        for c in range(col, length):  # padding
+            gi[c] = PAD_ID
+            ti[c] = 0
+            ii[c] = 0
+            ai[c] = False
+            mi[c] = False
         m = num_mask[i]
         if m > 0:
             for t in range(nk):
@@ -161,10 +215,106 @@ def _kernel(
             state = seeds[1] + np.uint64(i) * _GOLDEN
             for t in range(m):
                 state, bits = _next(state)
-                r = t + _below(bits, nk - t)
-                idx[t], idx[r] = idx[r], idx[t]
-                masked[i, idx[t]] = True
-                inputs[i, idx[t]] = 0
+                q = t + _below(bits, nk - t)
+                idx[t], idx[q] = idx[q], idx[t]
+                c = idx[t]
+                mi[c] = True
+                ii[c] = 0
+                if bag:
+                    # The bag must not leak a masked value: zero the weight of the token's gene (in a row
+                    # with unsorted genes, its first occurrence, as numba_gene_bag does).
+                    if ordered:
+                        bag_weights[o + src[c]] = 0.0
+                    else:
+                        g = gi[c]
+                        for j in range(n):
+                            if bag_ids[o + j] == g:
+                                bag_weights[o + j] = 0.0
+                                break
+
+
+def numba_tokens(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
+    lognorm: np.ndarray,
+    cfg: TokenizeConfig,
+    how: str,
+    mask: bool,
+    rng: np.random.Generator | None,
+    *,
+    rows: np.ndarray | None = None,
+    bag: bool = False,
+) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...] | None]:
+    """((gene_ids, inputs, attention, masked, targets), (bag ids, offsets, weights) or None) of rows `rows`
+    of a CSR block (default: all, in order), in one pass per cell that reads the rows where they lie.
+
+    The same arrays as numba_arrays, then numba_gene_bag, on take_rows(..., rows) (the tests check that), so
+    a batch needs no gathered copy of its rows and no second pass for the bag. `lognorm` is per block row.
+    """
+    from sclabel_dist.data.masking import num_masked
+
+    nrows = len(indptr) - 1
+    if rows is None:
+        rows = np.arange(nrows, dtype=np.int64)
+    else:
+        rows = np.asarray(rows, dtype=np.int64)
+        # The kernel reads without bounds checks.
+        if len(rows) and (rows.min() < 0 or rows.max() >= nrows):
+            raise IndexError(f"rows outside the block's {nrows} rows")
+    indices, data = np.ascontiguousarray(indices), np.ascontiguousarray(data)
+    assert len(indices) >= indptr[-1] and len(data) >= indptr[-1]
+    n = len(rows)
+    k = cfg.max_len - 1
+    counts = indptr[rows + 1] - indptr[rows]
+    kept = np.minimum(counts, k)
+    length = cfg.max_len if cfg.pad_to_max_len else 1 + int(kept.max(initial=0))
+    binned = cfg.value_encoding == "binned"
+    vdtype = np.int64 if binned else np.float32
+    if mask and cfg.mask_ratio > 0:
+        num_mask = num_masked(kept, cfg.mask_ratio)
+    else:
+        num_mask = np.zeros(n, dtype=np.int64)
+    if rng is None and ((how == "random" and (counts > k).any()) or num_mask.any()):
+        rng = np.random.default_rng()
+    # Two 64-bit seeds (subset, mask) from the caller's Generator: the output is a function of its state.
+    seeds = rng.integers(0, 1 << 63, size=2, dtype=np.uint64) if rng is not None else np.zeros(2, np.uint64)
+    # np.empty: the kernel writes every element (zeroing them first cost a pass over ~6 MB per batch).
+    gene_ids = np.empty((n, length), dtype=np.int64)
+    targets = np.empty((n, length), dtype=vdtype)
+    inputs = np.empty((n, length), dtype=vdtype)
+    masked = np.empty((n, length), dtype=bool)
+    attention = np.empty((n, length), dtype=bool)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    size = int(offsets[-1]) if bag else 0
+    ids = np.empty(size, dtype=np.int64)
+    weights = np.empty(size, dtype=np.float32)
+    _kernel(
+        indptr,
+        indices,
+        data,
+        lognorm,
+        rows,
+        data.dtype.kind in "ui",
+        seeds,
+        num_mask,
+        k,
+        cfg.num_bins,
+        binned,
+        how == "top",
+        gene_ids,
+        targets,
+        inputs,
+        masked,
+        attention,
+        bag,
+        offsets,
+        ids,
+        weights,
+    )
+    arrays = (gene_ids, inputs, attention, masked, targets)
+    return arrays, ((ids, offsets[:-1], weights) if bag else None)
 
 
 def numba_arrays(
@@ -178,47 +328,7 @@ def numba_arrays(
     rng: np.random.Generator | None,
 ) -> tuple[np.ndarray, ...]:
     """(gene_ids, inputs, attention, masked, targets) of a CSR block (oracle: tests/data/tokenize_oracle.py)."""
-    from sclabel_dist.data.masking import num_masked
-
-    n = len(indptr) - 1
-    k = cfg.max_len - 1
-    counts = np.diff(indptr)
-    kept = np.minimum(counts, k)
-    length = cfg.max_len if cfg.pad_to_max_len else 1 + int(kept.max(initial=0))
-    binned = cfg.value_encoding == "binned"
-    vdtype = np.int64 if binned else np.float32
-    if mask and cfg.mask_ratio > 0:
-        num_mask = num_masked(kept, cfg.mask_ratio)
-    else:
-        num_mask = np.zeros(n, dtype=np.int64)
-    if rng is None and ((how == "random" and (counts > k).any()) or num_mask.any()):
-        rng = np.random.default_rng()
-    # Two 64-bit seeds (subset, mask) from the caller's Generator: the output is a function of its state.
-    seeds = rng.integers(0, 1 << 63, size=2, dtype=np.uint64) if rng is not None else np.zeros(2, np.uint64)
-    gene_ids = np.zeros((n, length), dtype=np.int64)
-    targets = np.zeros((n, length), dtype=vdtype)
-    inputs = np.zeros((n, length), dtype=vdtype)
-    masked = np.zeros((n, length), dtype=bool)
-    attention = np.zeros((n, length), dtype=bool)
-    _kernel(
-        indptr,
-        indices,
-        data,
-        lognorm,
-        data.dtype.kind in "ui",
-        seeds,
-        num_mask,
-        k,
-        cfg.num_bins,
-        binned,
-        how == "top",
-        gene_ids,
-        targets,
-        inputs,
-        masked,
-        attention,
-    )
-    return gene_ids, inputs, attention, masked, targets
+    return numba_tokens(indptr, indices, data, lognorm, cfg, how, mask, rng)[0]
 
 
 @njit(nogil=True, cache=True)
@@ -282,7 +392,9 @@ def numba_gene_bag(
     """(token ids, row offsets, weights) of every non-zero gene of the block, for the model's gene bag, in one
     pass per cell. The weights are the continuous values (log1p per 10k over all of the cell's counts) whatever
     the token encoding, so the bag carries absolute levels that per-cell bins drop; a gene whose token value
-    is masked gets weight 0 (the bag must not leak what MLM asks for). Oracle: tests/data/tokenize_oracle.py."""
+    is masked gets weight 0 (the bag must not leak what MLM asks for). Oracle: tests/data/tokenize_oracle.py.
+    The loader gets the same from numba_tokens(bag=True) within the tokeniser's pass; this one takes tokens made
+    elsewhere, and is what the tests hold the fused pass to."""
     total = int(indptr[-1])
     ids = np.empty(total, dtype=np.int64)
     weights = np.empty(total, dtype=np.float32)

@@ -40,22 +40,28 @@ def tokenize_block(
     mask: bool,
     rng: np.random.Generator | None,
     labels: np.ndarray | None = None,
+    rows: np.ndarray | None = None,
 ) -> CellBatch:
-    """A CSR block (gene-index space; `lognorm` bool per row) -> CellBatch (module docstring for the rules)."""
+    """A CSR block (gene-index space; `lognorm` bool per row) -> CellBatch (module docstring for the rules).
+
+    rows: tokenise these rows of the block in this order (default: every row), read where they lie; the
+    same batch as tokenising the gathered rows, without the gathered copy.
+    """
     indptr = np.asarray(indptr, dtype=np.int64)
     n = len(indptr) - 1
     lognorm = np.ascontiguousarray(np.broadcast_to(np.asarray(lognorm, dtype=bool), (n,)))
     how = cfg.train_gene_selection if train else cfg.eval_gene_selection
     from sclabel_dist.data import kernels  # numba: compiled on first use, cached on disk
 
-    arrays = kernels.numba_arrays(indptr, indices, data, lognorm, cfg, how, mask, rng)
+    arrays, bag_arrays = kernels.numba_tokens(
+        indptr, indices, data, lognorm, cfg, how, mask, rng, rows=rows, bag=cfg.gene_bag
+    )
     gene_ids, inputs, attention, masked, targets = arrays
     bag = {}
-    if cfg.gene_bag:
-        arrays = kernels.numba_gene_bag(indptr, indices, data, lognorm, gene_ids, masked)
+    if bag_arrays is not None:
         bag = {
             k: torch.from_numpy(a)
-            for k, a in zip(("bag_ids", "bag_offsets", "bag_weights"), arrays, strict=True)
+            for k, a in zip(("bag_ids", "bag_offsets", "bag_weights"), bag_arrays, strict=True)
         }
     return CellBatch(
         gene_ids=torch.from_numpy(gene_ids),

@@ -24,6 +24,7 @@ def backend(request, monkeypatch) -> str:
 
         monkeypatch.setattr(kernels, "numba_arrays", oracle.numpy_arrays)
         monkeypatch.setattr(kernels, "numba_gene_bag", oracle.gene_bag_arrays)
+        monkeypatch.setattr(kernels, "numba_tokens", oracle.numpy_tokens)
     return request.param
 
 
@@ -251,3 +252,42 @@ def test_row_gather_kernel_matches_the_numpy_reference(backend):
     args = (m.indptr.astype(np.int64), m.indices.astype(np.uint16), m.data, rows)
     for got, want in zip(take_rows(*args), oracle.take_rows(*args), strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("encoding", ["binned", "continuous"])
+def test_rows_read_in_place_give_the_batch_of_the_gathered_rows(backend, encoding):
+    """numba_tokens(rows=..., bag=True) reads a batch's rows where they lie and makes its bag in the same pass:
+    bit for bit what take_rows, then the tokeniser, then the gene bag give (sorted and unsorted rows)."""
+    if backend != "numba":
+        pytest.skip("compares the fused kernel with the kernels it replaces in the loader")
+    from sclabel_dist.data.kernels import numba_arrays, numba_gene_bag, numba_tokens, take_rows
+
+    rng = np.random.default_rng(11)
+    m = sp.random(
+        60, 400, density=0.15, random_state=5, format="csr", data_rvs=lambda n: rng.integers(1, 90, n)
+    )
+    indptr, indices, data = m.indptr.astype(np.int64), m.indices.astype(np.uint16), m.data.astype(np.float32)
+    data[:40] *= 0.37  # non-integer values in the first rows: the sorting path of the binning
+    for i in (3, 7):  # unsorted genes, one of them twice
+        s, e = indptr[i], indptr[i + 1]
+        indices[s:e] = indices[s:e][::-1].copy()
+        indices[s] = indices[e - 1]
+    lognorm = rng.random(60) < 0.3
+    rows = rng.integers(0, 60, size=90)  # repeats and any order, as a shuffled window gives
+    for train in (True, False):
+        c = cfg(max_len=30, value_encoding=encoding, num_bins=11, mask_ratio=0.3)
+        how = "random" if train else "top"
+        arrays, bag = numba_tokens(
+            indptr, indices, data, lognorm, c, how, train, np.random.default_rng(2), rows=rows, bag=True
+        )
+        g_indptr, g_indices, g_data = take_rows(indptr, indices, data, rows)
+        want = numba_arrays(
+            g_indptr, g_indices, g_data, lognorm[rows], c, how, train, np.random.default_rng(2)
+        )
+        want_bag = numba_gene_bag(g_indptr, g_indices, g_data, lognorm[rows], want[0], want[3])
+        assert train is False or want[3].any()
+        for got, ref in zip((*arrays, *bag), (*want, *want_bag), strict=True):
+            assert got.dtype == ref.dtype and got.shape == ref.shape
+            np.testing.assert_array_equal(got, ref)
+    with pytest.raises(IndexError):
+        numba_tokens(indptr, indices, data, lognorm, cfg(), "top", False, None, rows=np.array([60]))

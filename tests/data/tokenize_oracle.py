@@ -202,3 +202,26 @@ def take_rows(
     np.cumsum(lengths, out=out[1:])
     src = np.repeat(indptr[rows] - out[:-1], lengths) + np.arange(int(out[-1]))
     return out, indices[src], data[src]
+
+
+def numpy_tokens(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
+    lognorm: np.ndarray,
+    cfg: TokenizeConfig,
+    how: str,
+    mask: bool,
+    rng: np.random.Generator | None,
+    *,
+    rows: np.ndarray | None = None,
+    bag: bool = False,
+) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...] | None]:
+    """kernels.numba_tokens: gather the rows, tokenise them, then their gene bag."""
+    if rows is not None:
+        rows = np.asarray(rows, dtype=np.int64)
+        indptr, indices, data = take_rows(np.asarray(indptr, dtype=np.int64), indices, data, rows)
+        lognorm = np.asarray(lognorm)[rows]
+    arrays = numpy_arrays(indptr, indices, data, lognorm, cfg, how, mask, rng)
+    bag_arrays = gene_bag_arrays(indptr, indices, data, lognorm, arrays[0], arrays[3]) if bag else None
+    return arrays, bag_arrays
