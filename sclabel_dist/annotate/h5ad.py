@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from sclabel_dist.data.values import value_kind_of
 from sclabel_dist.errors import SclabelError
 
 # Columns of `var` that may hold Ensembl ids beside the symbols in var_names (first one present wins).
@@ -79,18 +78,12 @@ def read_h5ad(path: str | Path, layer: str | None = None) -> H5adInput:
 
 def detect_value_kind(X: sp.csr_matrix, where: Path | str, declared: bool | None = None) -> str:
     """'counts' for non-negative integers, 'lognorm' for log-normalised values; refuse anything else."""
-    data = X.data
-    if data.size == 0:
-        raise SclabelError(f"{where}: the expression matrix has no non-zero value")
-    if not np.isfinite(data).all():
-        row = int(np.searchsorted(X.indptr, int(np.flatnonzero(~np.isfinite(data))[0]), side="right") - 1)
-        raise SclabelError(f"{where}: NaN or infinite expression value in row {row}")
-    if data.min() < 0:
-        raise SclabelError(
-            f"{where}: negative expression values (min {data.min():.3g}): the data look scaled or centred; "
-            "give raw counts or log1p-normalised values instead"
-        )
-    return value_kind_of(bool(np.all(data == np.round(data))), float(data.max()), declared, where)
+    from sclabel_dist.annotate.scan import ValueStats
+
+    # One rule for whole matrices and for inputs scanned block by block (scan.py).
+    stats = ValueStats(X.shape[1])
+    stats.update(X, 0)
+    return stats.value_kind(where, declared)
 
 
 def read_labels(inp: H5adInput, label_key: str) -> np.ndarray:
