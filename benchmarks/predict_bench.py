@@ -130,7 +130,7 @@ def prepare(work: Path, flavours: list[str]) -> dict:
         subprocess.run(
             sclabel("finetune", "--model", str(bundle), "--data", str(work / "train.h5ad"), "--label-key",
                     "cell_type", "--out", str(run), "--overwrite", "--train.epochs=3", "--train.min_epochs=3",
-                    f"--train.max_steps_per_epoch={steps}", "--data.val_fraction=0.1"),
+                    f"--train.max_steps_per_epoch={steps}", "--train.refit=false"),
             check=True,
         )  # fmt: skip
     return {"src": src, "y": y, "train": train, "test": test}

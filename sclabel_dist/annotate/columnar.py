@@ -15,22 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from sclabel_dist.annotate.output import UNASSIGNED, assign_labels
+from sclabel_dist.annotate.output import UNASSIGNED, assign_labels, label_codes
 from sclabel_dist.annotate.stream import iter_parts
 
 TABLE_SUFFIXES = (".parquet",)
 OBS_COLUMNS = ("sclabel_label", "sclabel_confidence", "sclabel_top_label")
 OBSM_KEY = "X_sclabel"
-
-
-def label_codes(
-    prob: np.ndarray, num_classes: int, threshold: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(label code with num_classes = Unassigned, confidence, top class) from probabilities (assign_labels' rule)."""
-    top = prob.argmax(axis=1)
-    confidence = prob[np.arange(len(prob)), top].astype(np.float32)
-    label = np.where(confidence >= threshold, top, num_classes)
-    return label.astype(np.int32), confidence, top.astype(np.int32)
 
 
 def write_table(
