@@ -163,7 +163,7 @@ def celltypist_child(work: Path, data: Path, n: int) -> None:
     query = ad.AnnData(lognormalise(query.X, "counts").astype(np.float32), var=query.var[[]], obs=query.obs)
     pred = celltypist.annotate(query, model=model, majority_voting=False).predicted_labels["predicted_labels"]
     t_annotate = time.perf_counter() - t0
-    np.save(work / f"celltypist_{n}.npy", pred.astype(str).to_numpy())
+    np.save(work / f"celltypist_{n}.npy", np.asarray(pred.astype(str).to_list(), dtype=str))
     print(json.dumps({"train_s": t_train, "annotate_s": t_annotate}))
 
 
@@ -185,8 +185,10 @@ def main() -> int:
     sizes = {"debug": [int(s) for s in args.sizes.split(",") if s]}
     sizes["small"] = [int(s) for s in args.small_sizes.split(",") if s]
     ctx = prepare(work, [f for f, s in sizes.items() if s])
-    rows = []
     results = work / "results.jsonl"
+    # rows measured by an earlier (interrupted) run of the same work directory are kept, not measured again
+    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
+    measured = {(r["method"], r["cells"], r["procs"]) for r in rows}
     for n in sorted({n for s in sizes.values() for n in s}):
         data = work / f"cells_{n}.h5ad"
         if not data.is_file():
@@ -194,6 +196,8 @@ def main() -> int:
         truth = np.resize(ctx["y"][ctx["test"]], n)
         for flavour in [f for f, s in sizes.items() if n in s]:
             for nproc in [int(x) for x in args.procs.split(",")]:
+                if (f"sclabel {flavour}", n, nproc) in measured:
+                    continue
                 out = work / f"pred_{flavour}_{n}_{nproc}.parquet"
                 out.unlink(missing_ok=True)
                 flags = ["--model", str(work / f"run_{flavour}"), "--data", str(data), "--out", str(out),
@@ -216,6 +220,8 @@ def main() -> int:
                 with open(results, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 out.unlink(missing_ok=True)
+        if ("celltypist (SGD)", n, 1) in measured:
+            continue
         seconds, rss, text = run_measured(
             [sys.executable, __file__, "--work", str(work), "--celltypist-child", str(data), str(n)]
         )
