@@ -204,10 +204,11 @@ class StoreSource:
         self._kinds = self._store.value_kinds()
         self._datasets = None if soma else self._store.datasets()
         self._obs_ids = None
-        if soma:
-            names = [f.name for f in self._store._exp.obs.schema]
-            if "obs_id" in names:
+        if soma:  # cell names: the obs_id column that to-soma and tiledbsoma's from_h5ad write, when present
+            try:
                 self._obs_ids = self._store.obs_values("obs_id")
+            except SclabelError:
+                self._obs_ids = None
 
     @property
     def value_kinds(self) -> set[str]:
