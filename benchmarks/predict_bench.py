@@ -202,53 +202,55 @@ def main() -> int:
     # rows measured by an earlier (interrupted) run of the same work directory are kept, not measured again
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
     measured = {(r["method"], r["cells"], r["procs"]) for r in rows}
-    for n in sorted({n for s in sizes.values() for n in s}):
-        data = work / f"cells_{n}.h5ad"
-        if not data.is_file():
-            write_replicated(ctx["src"], ctx["test"], n, data)
-        truth = np.resize(ctx["y"][ctx["test"]], n)
-        for flavour in [f for f, s in sizes.items() if n in s]:
-            for nproc in [int(x) for x in args.procs.split(",")]:
-                if (f"sclabel {flavour}", n, nproc) in measured:
-                    continue
-                out = work / f"pred_{flavour}_{n}_{nproc}.parquet"
-                out.unlink(missing_ok=True)
-                flags = ["--model", str(work / f"run_{flavour}"), "--data", str(data), "--out", str(out),
-                         "--block-size", str(args.block_size), "--batch-size", str(args.batch_size)]  # fmt: skip
-                env = {**os.environ, "OMP_NUM_THREADS": str(2 // nproc)}
-                if nproc == 1:
-                    cmd = sclabel("predict", *flags)
-                else:
-                    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                           "--master_addr=127.0.0.1", "--master_port=29731", "-m", "sclabel_dist.predict", *flags]  # fmt: skip
-                seconds, rss, text = run_measured(cmd, env)
-                row = {
-                    "method": f"sclabel {flavour}", "cells": n, "procs": nproc, "seconds": round(seconds, 1),
-                    "cells_per_s": round(n / seconds), "peak_rss_gb": round(rss, 2),
-                    "accuracy": round(accuracy_of_table(out, truth), 4),
-                    "inference_line": next((ln for ln in text.splitlines() if ln.startswith("inference:")), ""),
-                }  # fmt: skip
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-                with open(results, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                out.unlink(missing_ok=True)
-        if ("celltypist (SGD)", n, 1) in measured:
-            continue
-        seconds, rss, text = run_measured(
-            [sys.executable, __file__, "--work", str(work), "--celltypist-child", str(data), str(n)]
-        )
-        times = json.loads(text.strip().splitlines()[-1])
-        pred = np.load(work / f"celltypist_{n}.npy")
-        row = {
-            "method": "celltypist (SGD)", "cells": n, "procs": 1, "seconds": round(times["annotate_s"], 1),
-            "cells_per_s": round(n / times["annotate_s"]), "peak_rss_gb": round(rss, 2),
-            "accuracy": round(float((pred == truth).mean()), 4), "train_s": round(times["train_s"], 1),
-        }  # fmt: skip
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-        with open(results, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    # every size with sclabel first, then CellTypist: the scaling figures come before the comparison
+    for phase in ("sclabel", "celltypist"):
+        for n in sorted({n for s in sizes.values() for n in s}):
+            data = work / f"cells_{n}.h5ad"
+            if not data.is_file():
+                write_replicated(ctx["src"], ctx["test"], n, data)
+            truth = np.resize(ctx["y"][ctx["test"]], n)
+            for flavour in [f for f, s in sizes.items() if n in s and phase == "sclabel"]:
+                for nproc in [int(x) for x in args.procs.split(",")]:
+                    if (f"sclabel {flavour}", n, nproc) in measured:
+                        continue
+                    out = work / f"pred_{flavour}_{n}_{nproc}.parquet"
+                    out.unlink(missing_ok=True)
+                    flags = ["--model", str(work / f"run_{flavour}"), "--data", str(data), "--out", str(out),
+                             "--block-size", str(args.block_size), "--batch-size", str(args.batch_size)]  # fmt: skip
+                    env = {**os.environ, "OMP_NUM_THREADS": str(2 // nproc)}
+                    if nproc == 1:
+                        cmd = sclabel("predict", *flags)
+                    else:
+                        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                               "--master_addr=127.0.0.1", "--master_port=29731", "-m", "sclabel_dist.predict", *flags]  # fmt: skip
+                    seconds, rss, text = run_measured(cmd, env)
+                    row = {
+                        "method": f"sclabel {flavour}", "cells": n, "procs": nproc, "seconds": round(seconds, 1),
+                        "cells_per_s": round(n / seconds), "peak_rss_gb": round(rss, 2),
+                        "accuracy": round(accuracy_of_table(out, truth), 4),
+                        "inference_line": next((ln for ln in text.splitlines() if ln.startswith("inference:")), ""),
+                    }  # fmt: skip
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+                    with open(results, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    out.unlink(missing_ok=True)
+            if phase == "sclabel" or ("celltypist (SGD)", n, 1) in measured:
+                continue
+            seconds, rss, text = run_measured(
+                [sys.executable, __file__, "--work", str(work), "--celltypist-child", str(data), str(n)]
+            )
+            times = json.loads(text.strip().splitlines()[-1])
+            pred = np.load(work / f"celltypist_{n}.npy")
+            row = {
+                "method": "celltypist (SGD)", "cells": n, "procs": 1, "seconds": round(times["annotate_s"], 1),
+                "cells_per_s": round(n / times["annotate_s"]), "peak_rss_gb": round(rss, 2),
+                "accuracy": round(float((pred == truth).mean()), 4), "train_s": round(times["train_s"], 1),
+            }  # fmt: skip
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            with open(results, "a") as f:
+                f.write(json.dumps(row) + "\n")
     print("\n| method | cells | processes | seconds | cells/s | peak RSS (GB) | accuracy |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
