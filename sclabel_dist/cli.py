@@ -1,4 +1,5 @@
-"""The `sclabel` command: export, convert-checkpoint, init-bundle, finetune, predict, evaluate, quickstart."""
+"""The `sclabel` command: export, convert-checkpoint, init-bundle, finetune, predict, embed, evaluate,
+quickstart."""
 
 from __future__ import annotations
 
@@ -17,7 +18,11 @@ COMMANDS = {
         "write a fresh-weight bundle of a model (the from-scratch arm)",
     ),
     "finetune": ("sclabel_dist.finetune", "fine-tune a bundle on a labelled .h5ad"),
-    "predict": ("sclabel_dist.predict", "annotate an .h5ad with a fine-tuned bundle"),
+    "predict": (
+        "sclabel_dist.predict",
+        "annotate an .h5ad, cell store or SOMA experiment with a fine-tuned bundle",
+    ),
+    "embed": ("sclabel_dist.embed", "cell embeddings from a pretrained or fine-tuned bundle"),
     "evaluate": ("sclabel_dist.evaluate", "fine-tune and test against the logistic-regression baseline"),
     "quickstart": ("sclabel_dist.quickstart", "the whole loop on an embedded dataset, in minutes"),
 }

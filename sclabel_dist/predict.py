@@ -1,14 +1,17 @@
-"""`sclabel predict`: annotate an `.h5ad` with a fine-tuned bundle (labels, confidence, embeddings, CSV)."""
+"""`sclabel predict`: annotate cells with a fine-tuned bundle (labels, confidence, top-k, embeddings).
+
+Reads an .h5ad (backed), a cell store or a SOMA experiment in blocks; several processes split the cells:
+`torchrun --nproc_per_node=N -m sclabel_dist.predict --model ... --data ... --out ...`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
 from sclabel_dist.annotate.genes import MIN_INPUT_GENES, WARN_INPUT_GENES
-from sclabel_dist.errors import SclabelError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,15 +19,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", required=True, help="fine-tuned bundle, or the run directory of `sclabel finetune`"
     )
-    p.add_argument("--data", required=True, help=".h5ad to annotate (labels not needed; never modified)")
-    p.add_argument("--out", required=True, help="annotated .h5ad to write (a .csv is written beside it)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help=".h5ad (read backed, in blocks), cell store or SOMA experiment to annotate (never modified)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="annotated .h5ad to write (a .csv beside it for small inputs, a .parquet table for large ones), "
+        "or a .parquet table",
+    )
     p.add_argument(
         "--threshold",
         type=float,
         default=0.5,
         help="confidence under which a cell is 'Unassigned' (default 0.5; 0 = always assign)",
     )
+    p.add_argument(
+        "--top-k", type=int, default=3, help="top labels with probabilities in the table (default 3)"
+    )
+    p.add_argument("--table", default=None, help="also write the columnar table here (.parquet)")
+    p.add_argument(
+        "--output",
+        choices=("auto", "memory", "stream"),
+        default="auto",
+        help="memory: the annotated .h5ad built in memory + CSV (auto for inputs up to --memory-max-cells); "
+        "stream: the input copied as it is with the results added, + a .parquet table (auto above)",
+    )
+    p.add_argument(
+        "--memory-max-cells",
+        type=int,
+        default=200_000,
+        help="largest input written in memory (default 200,000)",
+    )
+    add_input_flags(p)
+    return p
+
+
+def add_input_flags(p: argparse.ArgumentParser) -> None:
+    """The flags predict and embed share: batching, blocks, layer, gene checks, device."""
     p.add_argument("--batch-size", type=int, default=64, help="cells per batch (results do not depend on it)")
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=8192,
+        help="cells read per block: sets peak memory (results do not depend on it; default 8,192)",
+    )
+    p.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="read the .h5ad whole instead of in blocks (e.g. CSC-stored X)",
+    )
     p.add_argument("--layer", default=None, help="layer to read instead of X")
     p.add_argument("--min-matched-genes", type=int, default=100, help="refuse data with fewer matching genes")
     p.add_argument(
@@ -47,9 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse data holding less than this fraction of the classifier's input genes "
         f"(default {MIN_INPUT_GENES})",
     )
-    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="torch device (default: cuda (this rank's GPU) when available, else cpu)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    return p
 
 
 def honour_interrupts() -> None:
@@ -66,94 +115,38 @@ def honour_interrupts() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import numpy as np
-    import torch
-
-    from sclabel_dist.annotate.classifier import load_classifier, resolve_bundle_dir
-    from sclabel_dist.annotate.genes import (
-        check_input_genes,
-        classifier_input,
-        genes_from_names,
-        input_gene_coverage,
-    )
-    from sclabel_dist.annotate.h5ad import read_h5ad
-    from sclabel_dist.annotate.inference import run_model, tokenize_config
-    from sclabel_dist.annotate.output import assign_labels, check_output, write_annotated
-    from sclabel_dist.annotate.prepare import check_value_kind, format_match_report, match_to_vocab
-    from sclabel_dist.bundle import load_bundle
+    from sclabel_dist.annotate.runner import run_job
 
     args = build_parser().parse_args(argv)
     honour_interrupts()
-    if not 0.0 <= args.threshold <= 1.0:
-        raise SclabelError(f"--threshold {args.threshold}: must be between 0 and 1")
-    if args.batch_size < 1:
-        raise SclabelError(f"--batch-size {args.batch_size}: must be >= 1")
-    if not 0.0 <= args.min_input_genes <= args.warn_input_genes <= 1.0:
-        raise SclabelError(
-            f"--min-input-genes {args.min_input_genes} and --warn-input-genes {args.warn_input_genes}: "
-            "need 0 <= min <= warn <= 1"
-        )
-    t0 = time.perf_counter()
-    out, data = Path(args.out), Path(args.data)
-    check_output(out, data, args.overwrite)
-    bundle = load_bundle(resolve_bundle_dir(args.model))
-    classes = bundle.config.get("labels")
-    if not classes:
-        raise SclabelError(
-            f"{bundle.path}: a pretrained bundle without labels; fine-tune it with `sclabel finetune`"
-        )
-    model = load_classifier(bundle.config["model_args"], bundle.state_dict)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(device)
+    return run_job(job_from_args(args, "predict"))
 
-    inp = read_h5ad(data, layer=args.layer)
-    print(
-        f"data: {inp.path} ({inp.X.shape[0]:,} cells x {inp.X.shape[1]:,} genes, {inp.value_kind}); "
-        f"model: {bundle.path} ({len(classes)} classes)"
+
+def job_from_args(args: argparse.Namespace, command: str) -> Any:
+    """The parsed flags as a typed Job (predict and embed share the flags they have in common)."""
+    from sclabel_dist.annotate.runner import Job
+
+    return Job(
+        command=command,
+        model=args.model,
+        data=args.data,
+        out=Path(args.out),
+        layer=args.layer,
+        threshold=getattr(args, "threshold", 0.5),
+        batch_size=args.batch_size,
+        block_size=args.block_size,
+        top_k=getattr(args, "top_k", 3),
+        min_matched_genes=args.min_matched_genes,
+        min_matched_fraction=args.min_matched_fraction,
+        warn_input_genes=args.warn_input_genes,
+        min_input_genes=args.min_input_genes,
+        device=args.device,
+        overwrite=args.overwrite,
+        in_memory=args.in_memory,
+        table=Path(args.table) if getattr(args, "table", None) else None,
+        output=getattr(args, "output", "auto"),
+        memory_max_cells=getattr(args, "memory_max_cells", 200_000),
     )
-    csr, report, present = match_to_vocab(
-        inp, bundle.vocab, min_genes=args.min_matched_genes, min_fraction=args.min_matched_fraction
-    )
-    print(format_match_report(report))
-    # the genes the classifier was fine-tuned on (None = all): anything else was never in its input
-    genes = genes_from_names(bundle.vocab, bundle.config.get("input_genes"), str(bundle.path))
-    coverage = None
-    if genes is not None:
-        # The vocabulary match above can look fine while the classifier's own genes are missing. A classifier
-        # reading every gene (data.genes=all) has no such list: the vocabulary match is its check.
-        coverage = input_gene_coverage(bundle.vocab, genes, present)
-        print(
-            check_input_genes(
-                coverage,
-                warn_below=args.warn_input_genes,
-                refuse_below=args.min_input_genes,
-                where=str(inp.path),
-            )
-        )
-    print(check_value_kind(inp.X, inp.value_kind, bundle.config["tokenize"], str(inp.path)))
-    csr = classifier_input(csr, inp.value_kind, genes)
-    tok_cfg = tokenize_config(bundle.config["tokenize"])
-    embedding, prob = run_model(model, csr, tok_cfg, "lognorm", batch_size=args.batch_size, device=device)
-    label, confidence, top_label = assign_labels(prob, classes, args.threshold)
-    uns = {
-        "model": str(bundle.path),
-        "threshold": args.threshold,
-        "classes": list(classes),
-        "gene_match": {k: v for k, v in report.items() if isinstance(v, int | float | str)},
-    }
-    if coverage is not None:
-        uns["input_genes"] = coverage.to_dict()
-    csv = write_annotated(
-        inp.adata, out, label=label, confidence=confidence, top_label=top_label, embedding=embedding, uns=uns
-    )
-    values, counts = np.unique(label.astype(str), return_counts=True)
-    summary = ", ".join(f"{v} {c}" for v, c in sorted(zip(values, counts, strict=True), key=lambda x: -x[1]))
-    print(f"labels: {summary}")
-    print(
-        f"wrote {out} (obs sclabel_label / sclabel_confidence, obsm X_sclabel) and {csv} "
-        f"in {time.perf_counter() - t0:.1f} s"
-    )
-    return 0
 
 
 if __name__ == "__main__":  # `python -m` / `accelerate launch -m`: same error handling as `sclabel predict`

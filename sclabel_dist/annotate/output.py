@@ -34,15 +34,23 @@ def check_output(out: Path, data: Path, overwrite: bool) -> None:
         raise SclabelError(f"{out.parent}: output directory does not exist")
 
 
+def label_codes(
+    probs: np.ndarray, num_classes: int, threshold: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(label code, num_classes = Unassigned; confidence = max probability; top class) per cell: the one rule."""
+    top = probs.argmax(axis=1)
+    confidence = probs[np.arange(len(probs)), top].astype(np.float32)
+    label = np.where(confidence >= threshold, top, num_classes)
+    return label.astype(np.int32), confidence, top.astype(np.int32)
+
+
 def assign_labels(
     probs: np.ndarray, classes: list[str], threshold: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(label under threshold -> Unassigned, confidence = max probability, top label regardless of threshold)."""
-    top = probs.argmax(axis=1)
-    confidence = probs[np.arange(len(probs)), top].astype(np.float32)
-    top_label = np.asarray(classes, dtype=object)[top]
-    label = np.where(confidence >= threshold, top_label, UNASSIGNED).astype(object)
-    return label, confidence, top_label
+    code, confidence, top = label_codes(probs, len(classes), threshold)
+    names = np.asarray([*classes, UNASSIGNED], dtype=object)
+    return names[code], confidence, names[top]
 
 
 def write_annotated(

@@ -22,19 +22,30 @@ def match_to_vocab(
 
     match = vocab.match(inp.var_names, ensembl=inp.ensembl)
     per_column = np.asarray(inp.X.sum(axis=0)).ravel()
+    report, present = check_gene_match(
+        match, per_column, min_genes=min_genes, min_fraction=min_fraction, where=str(inp.path)
+    )
+    return remap_csr(inp.X, match), report, present
+
+
+def check_gene_match(
+    match: Any, per_column: np.ndarray | None, *, min_genes: int, min_fraction: float, where: str
+) -> tuple[dict, np.ndarray]:
+    """(match report, sorted vocabulary indices of the matched genes) for a gene match and the expression of
+    each input column (None: unknown, the fraction of genes stands in); SclabelError for too poor a match."""
     report = match.report(per_column)
     fraction = float(report.get("fraction_counts", report["fraction_genes"]))
     if report["genes_matched"] < min_genes or fraction < min_fraction:
         top = [name for name, value in report.get("top_unmatched_by_counts", []) if value > 0]
         examples = ", ".join((top or report["unmatched_examples"])[:5])
         raise SclabelError(
-            f"{inp.path}: only {report['genes_matched']} of {report['genes_total']} genes match the model's "
+            f"{where}: only {report['genes_matched']} of {report['genes_total']} genes match the model's "
             f"{report['vocab_genes']}-gene vocabulary, carrying {fraction:.1%} of the expression "
             f"(need >= {min_genes} genes and {min_fraction:.0%}); unmatched e.g. {examples}. Check the species "
             "and that var_names (or var['ensembl']) hold gene symbols or Ensembl IDs"
         )
     present = np.sort(match.column_to_gene[match.column_to_gene >= 0])
-    return remap_csr(inp.X, match), report, present
+    return report, present
 
 
 def format_match_report(report: dict) -> str:
@@ -65,11 +76,18 @@ def check_value_kind(X: sp.csr_matrix, value_kind: str, tokenize: dict, where: s
     log1p(counts per 10k): counts are converted, log-normalised input is used as it is and so must already
     be on that scale, which expm1 row sums reveal.
     """
+    needed = tokenize.get("value_encoding", "binned") != "binned" and value_kind == "lognorm"
+    sums = np.asarray(X.expm1().sum(axis=1)).ravel() if needed and X.nnz else np.zeros(1)
+    return value_kind_note(value_kind, tokenize, where, sums)
+
+
+def value_kind_note(value_kind: str, tokenize: dict, where: str, expm1_row_sums: np.ndarray) -> str:
+    """check_value_kind from each cell's expm1 row sum (computed block by block for inputs read in blocks)."""
     if tokenize.get("value_encoding", "binned") == "binned":
         return f"input values: {value_kind}; binned per cell by rank, so counts and log-normalised bin alike"
     if value_kind == "counts":
         return "input values: counts, converted to log1p(counts per 10k) as the model expects"
-    sums = np.asarray(X.expm1().sum(axis=1)).ravel() if X.nnz else np.zeros(1)
+    sums = expm1_row_sums if len(expm1_row_sums) else np.zeros(1)
     median = float(np.median(sums))
     if not CP10K_RANGE[0] <= median <= CP10K_RANGE[1]:
         raise SclabelError(
