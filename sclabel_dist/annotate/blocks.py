@@ -187,7 +187,7 @@ class StoreSource:
     """A cell store (Zarr, its own vocabulary mapped onto the bundle's) or a SOMA experiment (mapped on open)."""
 
     def __init__(self, uri: str, vocab: Any, layer: str | None):
-        from sclabel_dist.data.stores.base import open_store
+        from sclabel_dist.data.stores import open_store
 
         self.where = uri
         soma = not (Path(uri) / "index.json").is_file()
