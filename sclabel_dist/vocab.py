@@ -213,7 +213,9 @@ class GeneVocab:
 
     @classmethod
     def from_json(cls, path: str | Path) -> GeneVocab:
-        path = Path(path)
+        from sclabel_dist.data.stores.location import as_path  # a store's vocab.json may be at s3://
+
+        path = as_path(path)
         if not path.is_file():
             raise SclabelError(f"vocabulary file not found: {path}")
         try:

@@ -23,9 +23,11 @@ index.json) and only ever extended, so appending a dataset never rewrites earlie
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -199,8 +201,10 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def read_index(store: str | Path) -> StoreIndex:
-    """Parse STORE/index.json, checking the format name and version."""
-    path = Path(store) / INDEX_FILE
+    """Parse STORE/index.json (a local path or s3://...), checking the format name and version."""
+    from sclabel_dist.data.stores.location import as_path
+
+    path = as_path(store) / INDEX_FILE
     if not path.is_file():
         raise SclabelError(f"{store}: not a cell store (no {INDEX_FILE}; the ingest may not have finished)")
     try:
@@ -217,26 +221,70 @@ def write_index(store: str | Path, index: StoreIndex) -> None:
 
 def shard_checksum(shard_dir: str | Path) -> str:
     """sha256 over the shard's files: sorted relative paths and their bytes."""
-    shard_dir = Path(shard_dir)
+    from sclabel_dist.data.stores.location import as_path, is_remote
+
+    shard_dir = as_path(shard_dir)
     h = hashlib.sha256()
-    for f in sorted(p for p in shard_dir.rglob("*") if p.is_file()):
+    for f in sorted((p for p in shard_dir.rglob("*") if p.is_file()), key=lambda p: p.relative_to(shard_dir)):
         h.update(f.relative_to(shard_dir).as_posix().encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        if is_remote(f):
+            h.update(f.read_bytes())  # one object: a zarr shard file, a few MB
+        else:
+            with open(f, "rb") as fh:
+                for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                    h.update(block)
         h.update(b"\0")
     return h.hexdigest()
 
 
-def open_shard_arrays(store: str | Path, shard: ShardEntry) -> tuple[np.ndarray, Any, Any]:
-    """(indptr as int64 numpy, indices zarr.Array, data zarr.Array) of one shard, opened read-only."""
+def _as_path(store: Any) -> Any:
+    from sclabel_dist.data.stores.location import as_path
+
+    return as_path(store)
+
+
+def open_group(path: Any) -> Any:
+    """The zarr group at a local path or an S3Path, read-only (open its arrays inside zarr_pipeline(path))."""
     import zarr
 
-    path = Path(store) / shard.path
+    from sclabel_dist.data.stores.location import is_remote
+
+    return path.zarr_group() if is_remote(path) else zarr.open_group(str(path), mode="r")
+
+
+def zarr_pipeline(path: Any) -> Any:
+    """A context in which arrays under `path` are opened: zarr's own codec pipeline for object storage.
+
+    The zarrs pipeline re-creates an obstore store in its own runtime and its reads through it never
+    complete (zarrs 0.2 / obstore 0.12); an array keeps the pipeline it was opened with. zarr's config is
+    process-wide, so remote opens hold a lock while it is switched (they are few: a store's open, validate)."""
+    from sclabel_dist.data.stores.location import is_remote
+
+    return _remote_pipeline() if is_remote(path) else contextlib.nullcontext()
+
+
+_PIPELINE_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _remote_pipeline() -> Any:
+    import zarr
+
+    with (
+        _PIPELINE_LOCK,
+        zarr.config.set({"codec_pipeline.path": "zarr.core.codec_pipeline.BatchedCodecPipeline"}),
+    ):
+        yield
+
+
+def open_shard_arrays(store: str | Path, shard: ShardEntry) -> tuple[np.ndarray, Any, Any]:
+    """(indptr as int64 numpy, indices zarr.Array, data zarr.Array) of one shard, opened read-only."""
+    path = _as_path(store) / shard.path
     try:
-        group = zarr.open_group(str(path), mode="r")
-        indptr = np.asarray(group[INDPTR][:], dtype=np.int64)
-        return indptr, group[INDICES], group[DATA]
+        with zarr_pipeline(path):
+            group = open_group(path)
+            indptr = np.asarray(group[INDPTR][:], dtype=np.int64)
+            return indptr, group[INDICES], group[DATA]
     except (FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
         # A failed crc32c is a ValueError from zarr, a RuntimeError from the zarrs pipeline.
         raise SclabelError(f"{path}: shard unreadable ({type(exc).__name__}: {exc})") from None
@@ -257,11 +305,10 @@ def read_rows(
 
 def read_obs_codes(store: str | Path, shard: ShardEntry, column: str) -> np.ndarray:
     """int32 codes of obs `column` for every row of a shard (-1 where the shard's dataset lacks the column)."""
-    import zarr
-
-    group = zarr.open_group(str(Path(store) / shard.path), mode="r")
+    path = _as_path(store) / shard.path
     try:
-        return np.asarray(group[f"{OBS_GROUP}/{column}"][:], dtype=np.int32)
+        with zarr_pipeline(path):
+            return np.asarray(open_group(path)[f"{OBS_GROUP}/{column}"][:], dtype=np.int32)
     except KeyError:
         return np.full(shard.num_rows, MISSING_CODE, dtype=np.int32)
 

@@ -66,3 +66,23 @@ def s3_bucket(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     return make_bucket(moto_endpoint)
+
+
+def write_h5ad(path, n: int, seed: int):
+    """A small counts .h5ad (300 genes) with a cell_type column."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse as sp
+
+    X = sp.random(n, 300, density=0.05, format="csr", random_state=seed, dtype=np.float32)
+    X.data = np.ceil(X.data * 20)
+    obs = pd.DataFrame({"cell_type": np.where(np.arange(n) % 3, "T", "B")}, index=[f"c{i}" for i in range(n)])
+    ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(300)])).write_h5ad(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def store_h5ad(tmp_path_factory: pytest.TempPathFactory) -> list:
+    d = tmp_path_factory.mktemp("s3-inputs")
+    return [write_h5ad(d / f"in{i}.h5ad", 600, i) for i in range(2)]

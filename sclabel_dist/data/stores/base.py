@@ -145,9 +145,10 @@ def open_store(uri: str, *, vocab: GeneVocab | None = None, **kwargs: Any) -> Ce
     from pathlib import Path
 
     from sclabel_dist.data import format as fmt
+    from sclabel_dist.data.stores.location import as_path
     from sclabel_dist.errors import SclabelError
 
-    if (Path(uri) / fmt.INDEX_FILE).is_file():
+    if (as_path(uri) / fmt.INDEX_FILE).is_file():
         from sclabel_dist.data.stores.zarr_store import ZarrCellStore
 
         return ZarrCellStore(uri, **kwargs)

@@ -25,12 +25,16 @@ import random
 import re
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sclabel_dist.errors import SclabelError
+
+# zarrs (the Rust codec pipeline) says so once per obstore-backed zarr store it meets; nothing to act on.
+warnings.filterwarnings("ignore", message="Successfully reconstructed a store", category=RuntimeWarning)
 
 SCHEME = "s3://"
 MAX_ATTEMPTS = 8  # one try + 7 retries, backoff 50 ms doubling to 3.2 s (~6 s in all) before giving up
@@ -249,11 +253,11 @@ def fetch_ranges(requests: Sequence[tuple[S3Path, Sequence[int], Sequence[int]]]
     return run(all_()) if requests else []
 
 
-def fetch_tails(paths: Sequence[S3Path], n: int) -> list[memoryview | None]:
-    """The last n bytes of each object (None where it does not exist), all requested at once."""
+def fetch_tails(paths: Sequence[S3Path], sizes: Sequence[int]) -> list[memoryview | None]:
+    """The last sizes[i] bytes of each object (None where it does not exist), all requested at once."""
     import obstore
 
-    async def one(p: S3Path) -> memoryview | None:
+    async def one(p: S3Path, n: int) -> memoryview | None:
         store = object_store(p.bucket)
 
         async def get() -> Any:
@@ -270,7 +274,7 @@ def fetch_tails(paths: Sequence[S3Path], n: int) -> list[memoryview | None]:
         return memoryview(data)
 
     async def all_() -> list[memoryview | None]:
-        return await asyncio.gather(*(one(p) for p in paths))
+        return await asyncio.gather(*(one(p, n) for p, n in zip(paths, sizes, strict=True)))
 
     return run(all_()) if paths else []
 
@@ -324,6 +328,9 @@ class S3Path:
 
     def __hash__(self) -> int:
         return hash((self.bucket, self.key))
+
+    def __lt__(self, other: S3Path) -> bool:
+        return (self.bucket, self.key.split("/")) < (other.bucket, other.key.split("/"))
 
     def __truediv__(self, other: str | os.PathLike) -> S3Path:
         part = str(PurePosixPath(other) if not isinstance(other, str) else other).strip("/")
@@ -439,7 +446,8 @@ class S3Path:
         try:
             res = obstore.get(object_store(self.bucket, counted=False), self.key)
             meta = res.meta
-            return bytes(res.bytes()), {"e_tag": meta.get("e_tag"), "version": meta.get("version")}
+            version = {k: meta.get(k) for k in ("e_tag", "version") if meta.get(k) is not None}
+            return bytes(res.bytes()), version
         except FileNotFoundError:
             raise FileNotFoundError(f"{self}: no such object") from None
         except Exception as exc:
