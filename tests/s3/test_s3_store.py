@@ -19,7 +19,8 @@ from sclabel_dist.data import format as fmt
 from sclabel_dist.data.stores.location import as_path
 from sclabel_dist.data.stores.zarr_store import ZarrCellStore
 from sclabel_dist.errors import SclabelError
-from tests.s3.conftest import SECRET
+
+from .conftest import SECRET
 
 SMALL = ["baron_mouse1_pancreas", "tabula_muris_immune_actinn"]
 

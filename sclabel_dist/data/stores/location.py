@@ -80,6 +80,14 @@ def stats() -> dict[str, float]:
         return dict(vars(_stats))
 
 
+def log_counters() -> dict[str, int]:
+    """For the training log: this process's object-store requests and retries so far ({} if it made none)."""
+    with _stats_lock:
+        if not _stats.requests:
+            return {}
+        return {"s3_requests": _stats.requests, "s3_retries": _stats.retries}
+
+
 def reset_stats() -> None:
     global _stats
     with _stats_lock:
