@@ -170,6 +170,24 @@ def run(coro: Any) -> Any:
     return asyncio.run_coroutine_threadsafe(coro, _event_loop()).result()
 
 
+def tiledb_s3_config() -> dict[str, str]:
+    """TileDB's S3 settings for the same endpoint and region as obstore's (a SOMA experiment at s3://).
+
+    Credentials are not copied: TileDB's AWS SDK reads AWS_ACCESS_KEY_ID / ..._SECRET_ACCESS_KEY / profiles
+    from the environment itself, so no secret passes through a config that could be logged."""
+    out: dict[str, str] = {}
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        out["vfs.s3.region"] = region
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        out["vfs.s3.endpoint_override"] = host.rstrip("/")
+        out["vfs.s3.scheme"] = scheme
+        out["vfs.s3.use_virtual_addressing"] = "false"  # path-style, as MinIO / Ceph / moto expect
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # errors
 
