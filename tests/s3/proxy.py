@@ -120,3 +120,21 @@ class FaultyProxy:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def main() -> None:
+    """`python tests/s3/proxy.py http://127.0.0.1:PORT --delay-ms 50`: serve until killed, print the URL."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("upstream")
+    p.add_argument("--delay-ms", type=float, default=0.0)
+    p.add_argument("--fail-rate", type=float, default=0.0)
+    args = p.parse_args()
+    proxy = FaultyProxy(args.upstream, delay_s=args.delay_ms / 1000, fail_rate=args.fail_rate)
+    print(proxy.start(), flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
