@@ -109,11 +109,14 @@ def one(args: argparse.Namespace) -> dict:
     for _ in range(args.warmup):
         count(next(it))
     location.reset_stats()
+    pids = [int(x) for x in args.server_pids.split(",") if x]
+    srv0, busy0 = [cpu_s(p) for p in pids], machine_busy_s()
     ru0 = os.times()
     t = time.perf_counter()
     cells = sum(count(next(it)) for _ in range(args.batches))
     wall = time.perf_counter() - t
     ru1 = os.times()
+    srv1, busy1 = [cpu_s(p) for p in pids], machine_busy_s()
     st = location.stats()
     ds.close()
     return {
@@ -126,6 +129,9 @@ def one(args: argparse.Namespace) -> dict:
         "mb_fetched": st["bytes"] / 2**20,
         "peak_in_flight": st["peak_in_flight"],
         "mean_in_flight": st["busy_s"] / wall,
+        # cores each server process (moto, the proxy) and the whole machine kept busy in the timed window
+        "server_cores": [(b - a) / wall for a, b in zip(srv0, srv1, strict=True)],
+        "machine_busy_cores": (busy1 - busy0) / wall,
     }
 
 
@@ -142,16 +148,12 @@ def measure(store: str, tokenized: bool, args: argparse.Namespace, env: dict, se
     ]
     if tokenized:
         cmd.append("--tokenized")
-    before = [cpu_s(p) for p in servers]
-    busy = machine_busy_s()
     t = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, check=False)
     wall = time.perf_counter() - t
     if out.returncode:
         raise SystemExit(out.stderr[-3000:])
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    res["server_cpu_s"] = [cpu_s(p) - b for p, b in zip(servers, before, strict=True)]  # whole subprocess
-    res["machine_busy_cores"] = (machine_busy_s() - busy) / wall
     res["subprocess_wall_s"] = wall
     return res
 
@@ -207,8 +209,8 @@ def run(args: argparse.Namespace) -> dict:
 def markdown(result: dict) -> str:
     lines = [
         "| source | added latency | stream | cells/s | vs 0 ms | requests | peak / mean in flight | MB fetched | "
-        "loader CPU / wall | moto cores | proxy cores | machine busy cores |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "loader CPU / wall | moto cores | proxy cores | machine busy cores | first batch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = {
         r["tokenized"]: r["cells_per_s"] for r in result["runs"] if r["source"] == "s3" and r["delay_ms"] == 0
@@ -217,14 +219,13 @@ def markdown(result: dict) -> str:
         kind = "tokenised" if r["tokenized"] else "raw"
         lat = f"{r['delay_ms']} ms" if r["delay_ms"] is not None else "-"
         rel = f"{r['cells_per_s'] / base[r['tokenized']]:.0%}" if r["source"] == "s3" else "-"
-        # server CPU over the whole measuring subprocess (open, warm-up, timed batches) / its wall time
-        srv = [c / r["subprocess_wall_s"] for c in r["server_cpu_s"]] or [None, None]
+        srv = r["server_cores"] or [None, None]
         lines.append(
             f"| {r['source']} | {lat} | {kind} | {r['cells_per_s']:,.0f} | {rel} | {r['requests']} | "
             f"{r['peak_in_flight']} / {r['mean_in_flight']:.1f} | {r['mb_fetched']:.0f} | "
             f"{r['loader_cpu_s'] / r['wall_s']:.2f} | "
             + (f"{srv[0]:.2f} | {srv[1]:.2f} |" if srv[0] is not None else "- | - |")
-            + f" {r['machine_busy_cores']:.2f} |"
+            + f" {r['machine_busy_cores']:.2f} | {r['first_batch_s']:.1f} s |"
         )
     return "\n".join(lines)
 
@@ -240,6 +241,7 @@ def main() -> None:
     o = sub.add_parser("one")
     o.add_argument("--store", required=True)
     o.add_argument("--tokenized", action="store_true")
+    o.add_argument("--server-pids", default="")
     m = sub.add_parser("markdown")
     m.add_argument("json", type=Path)
     for q in (r, o):

@@ -270,6 +270,11 @@ _PIPELINE_LOCK = threading.RLock()
 def _remote_pipeline() -> Any:
     import zarr
 
+    with _PIPELINE_LOCK:  # read while no one holds it: the global value, not another opener's switch
+        zarrs = "zarrs" in str(zarr.config.get("codec_pipeline.path"))
+    if not zarrs:  # zarr's own pipeline (no local store switched to zarrs): remote opens run in parallel
+        yield
+        return
     with (
         _PIPELINE_LOCK,
         zarr.config.set({"codec_pipeline.path": "zarr.core.codec_pipeline.BatchedCodecPipeline"}),

@@ -152,3 +152,18 @@ def test_no_secret_written_anywhere(store_h5ad: list[Path], s3_bucket: str, tmp_
     for f in tmp_path.rglob("*"):
         assert not f.is_file() or SECRET.encode() not in f.read_bytes(), f
     assert "AWS" not in json.dumps(fmt.read_index(url).to_dict())
+
+
+def test_overwrite_replaces_and_removes_old_objects(store_h5ad: list[Path], s3_bucket: str) -> None:
+    url = f"s3://{s3_bucket}/ow"
+    ingest(
+        [str(store_h5ad[0]), "-o", url, "--no-progress", "--dataset-name", "old", "--rows-per-shard", "200"]
+    )
+    ingest([str(store_h5ad[1]), "-o", url, "--no-progress", "--dataset-name", "new", "--overwrite"])
+    assert [d.name for d in fmt.read_index(url).datasets] == ["new"]
+    assert not list((as_path(url) / fmt.SHARDS_DIR / "old").rglob("*"))
+    assert not (as_path(url) / fmt.REPORTS_DIR / "old.json").is_file()
+    assert validate_store(url) == ([], [])
+    (as_path(url) / "notes.txt").write_bytes(b"someone else's")
+    with pytest.raises(SclabelError, match="did not write"):
+        ingest([str(store_h5ad[1]), "-o", url, "--no-progress", "--overwrite"])

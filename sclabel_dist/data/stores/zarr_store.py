@@ -44,11 +44,11 @@ class ZarrCellStore:
     """A cell store directory opened read-only: indptr of every shard in RAM, indices/data read on demand."""
 
     def __init__(self, uri: str | Path, *, zarrs: bool = True, direct: bool = True):
-        if zarrs:
-            use_zarrs_pipeline()
         self.uri = str(uri)
         self.root = as_path(uri)
         self.remote = is_remote(self.root)
+        if zarrs and not self.remote:  # zarrs cannot read through obstore (format.zarr_pipeline)
+            use_zarrs_pipeline()
         self.index = fmt.read_index(self.root)
         self.vocab = GeneVocab.from_json(self.root / fmt.VOCAB_FILE)
         if self.vocab.hash != self.index.vocab_hash:
