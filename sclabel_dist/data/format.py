@@ -16,6 +16,11 @@ A store is a directory::
                                       float32 for log-normalised input (value_kind "lognorm"); same chunking
           obs/<column>                int32 [num_rows] codes into index.obs_columns[column]; -1 = missing
 
+A store may also live at s3://bucket/prefix (stores/location.py): the same keys, except that a shard uploaded
+by `ingest -o s3://...` is named `shards/<dataset>/part_NNNNN.<token>` (a random token per ingest run, so two
+racing writers never overwrite each other's objects; ShardEntry.path holds the full name). index.json is put
+last there too, by a conditional put (data_tools/remote_store.py).
+
 Rows of a shard are CSR: row r is ``indices[indptr[r]:indptr[r+1]]``; a run [a, b) is one contiguous slice.
 Within a row, gene indices are strictly increasing. Categories of obs columns are global to the store (in
 index.json) and only ever extended, so appending a dataset never rewrites earlier shards.
