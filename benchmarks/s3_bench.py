@@ -136,8 +136,9 @@ def one(args: argparse.Namespace) -> dict:
 
 
 def measure(store: str, tokenized: bool, args: argparse.Namespace, env: dict, servers: list[int]) -> dict:
-    """Run `one` in a fresh subprocess; add the CPU the servers and the rest of the machine used meanwhile."""
+    """Run `one` in a fresh subprocess (it measures the servers' CPU in its timed window)."""
     cmd = [sys.executable, __file__, "one", "--store", store, "--batches", str(args.batches)]
+    cmd += ["--server-pids", ",".join(map(str, servers))]
     cmd += [
         "--warmup",
         str(args.warmup),
