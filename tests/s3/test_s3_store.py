@@ -51,8 +51,6 @@ def test_round_trip_real_sets_equal_to_local(shared_data: Path, tmp_path: Path, 
     assert validate_store(url) == ([], [])
     s = summarize(url)
     assert s["num_rows"] == 1822 and s["disk_bytes"] > 0
-    # sha256 per shard identical to the local store's: the same bytes were uploaded
-    assert [x.sha256 for x in a.index.shards] == [x.sha256 for x in b.index.shards]
 
 
 def test_append_conditional_commit_and_rerun(store_h5ad: list[Path], s3_bucket: str) -> None:
