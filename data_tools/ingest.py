@@ -4,6 +4,9 @@ Per input: open -> scan (value checks, per-gene totals) -> match genes to the vo
 under --min-match) -> write row blocks (optionally through the out-of-core shuffle). Nothing is written
 until every input has been scanned and matched, so a bad input leaves no store behind. The store's lock is
 held from the first look at it to the commit, and every input of one command lands in one commit.
+
+An output at s3://bucket/prefix is staged on local disk (--tmp-dir) by the same writer, then uploaded and
+committed by remote_store.publish: shards first, index.json last by a conditional put (no lock there).
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import argparse
 import errno
 import os
 import re
+import shutil
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,13 +25,16 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from data_tools import remote_store
 from data_tools.readers import InputReader, open_input
 from data_tools.scan import InputStats, decide_value_kind, scan_input
 from data_tools.shuffle_write import num_buckets, shuffled_blocks
 from data_tools.store_lock import StoreLock
+from data_tools.tempfiles import spill_dir
 from data_tools.vocab_build import build_vocab_from_union
 from data_tools.writer import StoreWriter, commit_appends, staged_store
 from sclabel_dist.data import format as fmt
+from sclabel_dist.data.stores.location import as_path, is_remote
 from sclabel_dist.errors import SclabelError
 from sclabel_dist.vocab import GeneMatch, GeneVocab, remap_csr
 
@@ -74,7 +82,12 @@ class IngestOptions:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sclabel-data ingest", description=__doc__.splitlines()[0])
     p.add_argument("inputs", nargs="+", help=".h5ad files, 10x directories or SOMA experiment URIs")
-    p.add_argument("-o", "--out", required=True, help="store directory to create (or extend with --append)")
+    p.add_argument(
+        "-o",
+        "--out",
+        required=True,
+        help="store directory or s3://bucket/prefix to create (or extend with --append)",
+    )
     p.add_argument(
         "--dataset-name", action="append", default=[], help="name per input (repeat; default: file stem)"
     )
@@ -148,10 +161,10 @@ def dataset_names(inputs: Sequence[str], given: Sequence[str]) -> list[str]:
 def choose_vocab(opts: IngestOptions, prepared: list[Prepared]) -> GeneVocab:
     """The store's vocabulary when appending, else --vocab, else the union of the inputs."""
     if opts.append:
-        vocab = GeneVocab.from_json(Path(opts.out) / fmt.VOCAB_FILE)
+        vocab = GeneVocab.from_json(as_path(opts.out) / fmt.VOCAB_FILE)
         if opts.vocab and GeneVocab.from_json(opts.vocab).hash != vocab.hash:
             raise SclabelError(
-                f"--vocab {opts.vocab} differs from the store's {Path(opts.out) / fmt.VOCAB_FILE}; drop --vocab to use the store's"
+                f"--vocab {opts.vocab} differs from the store's {as_path(opts.out) / fmt.VOCAB_FILE}; drop --vocab to use the store's"
             )
         return vocab
     if opts.vocab:
@@ -271,7 +284,8 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 def ingest(opts: IngestOptions) -> fmt.StoreIndex:
     """Run an ingest, holding the store's lock throughout; returns the final index."""
     try:
-        with StoreLock(opts.out):
+        # Object storage has no lock: there the commit is a conditional put (remote_store.py).
+        with nullcontext() if is_remote(opts.out) else StoreLock(opts.out):
             return _ingest_locked(opts)
     except OSError as exc:
         if exc.errno not in _NO_SPACE:
@@ -287,14 +301,18 @@ def ingest(opts: IngestOptions) -> fmt.StoreIndex:
 def _ingest_locked(opts: IngestOptions) -> fmt.StoreIndex:
     columns, optional = parse_obs_columns(opts.obs_columns)
     names = dataset_names(opts.inputs, opts.dataset_name)
-    out = Path(opts.out)
+    out = as_path(opts.out)
+    remote = is_remote(out)
     index = None
+    version: dict | None = None  # object storage: the index.json version the commit must still find
     if opts.append:
-        index = fmt.read_index(out)
+        index, version = remote_store.read_index_versioned(out) if remote else (fmt.read_index(out), None)
         existing = {d.name for d in index.datasets}
         clash = sorted(set(names) & existing)
         if clash:
             raise SclabelError(f"{out}: dataset(s) {clash} already in the store; pick other --dataset-name")
+    elif remote:
+        version = remote_store.check_target(out, overwrite=opts.overwrite)
     elif out.exists() and not opts.overwrite:
         raise SclabelError(
             f"{out}: already exists; use --append to add datasets or --overwrite to replace it"
@@ -328,7 +346,9 @@ def _ingest_locked(opts: IngestOptions) -> fmt.StoreIndex:
             print_report(p)
         for p in prepared:
             check_match(p, opts.min_match)
-        if index is not None:
+        if remote:
+            _write_remote(out, index, version, vocab, prepared, opts, columns)
+        elif index is not None:
             append_datasets(out, index, vocab, prepared, opts, columns)
         else:
             with staged_store(out, overwrite=opts.overwrite) as staged:
@@ -342,6 +362,35 @@ def _ingest_locked(opts: IngestOptions) -> fmt.StoreIndex:
         f"{out}: {index.num_rows} cells, {index.num_genes} genes, {index.nnz} non-zeros, {index.num_shards} shards"
     )
     return index
+
+
+def _write_remote(
+    out: Any,
+    index: fmt.StoreIndex | None,
+    version: dict | None,
+    vocab: GeneVocab,
+    prepared: list[Prepared],
+    opts: IngestOptions,
+    columns: list[str],
+) -> None:
+    """Write the datasets into a local staging store (a copy of the remote index and vocab when appending),
+    then upload them and commit index.json conditionally (remote_store.publish)."""
+    work = spill_dir("s3stage", opts.tmp_dir)
+    local = work / "store"
+    try:
+        if index is not None:
+            (local / fmt.SHARDS_DIR).mkdir(parents=True)
+            fmt.write_index(local, index)
+            vocab.to_json(local / fmt.VOCAB_FILE)
+            append_datasets(local, index, vocab, prepared, opts, columns)
+        else:
+            with staged_store(local) as staged:
+                for i, p in enumerate(prepared):
+                    write_dataset(staged, vocab, p, "create" if i == 0 else "append", opts, columns)
+        commit = version if version is not None else "create"
+        remote_store.publish(local, out, [p.name for p in prepared], commit=commit, new_store=index is None)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

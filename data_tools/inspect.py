@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sclabel_dist.data import format as fmt
+from sclabel_dist.data.stores.location import as_path
 
 
 def disk_bytes(path: Path) -> int:
@@ -16,8 +17,8 @@ def disk_bytes(path: Path) -> int:
 
 
 def summarize(store: str | Path) -> dict[str, Any]:
-    """A JSON-able summary of a store (reads index.json and the reports, not the shards)."""
-    store = Path(store)
+    """A JSON-able summary of a store, a directory or s3://... (reads index.json and the reports, not the shards)."""
+    store = as_path(store)
     index = fmt.read_index(store)
     rows = [s.num_rows for s in index.shards]
     datasets = []

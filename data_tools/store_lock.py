@@ -6,9 +6,10 @@ one dataset (the later commit drops the earlier one's entry). The lock file sits
 holder before release, so nothing is left behind. A waiter checks, after locking, that the file it locked is
 still the one at the path (the holder may have unlinked it meanwhile) and retries otherwise.
 
-Object storage has no flock: a writer there would need a conditional put of index.json (If-Match on the ETag
-it read at prepare, retried on 412) to commit safely. The writer here only writes local paths, so an
-s3:// output is refused rather than silently racing.
+Object storage has no flock: there the commit of index.json is a conditional put instead (If-None-Match for
+a new store, If-Match on the ETag read at the start for an append; remote_store.py), so of two racing
+writers one wins and the other fails cleanly. This lock is for local stores only (ingest stages an s3://
+output on local disk, under a lock of its own temp directory).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ def lock_path(store: str | Path) -> Path:
     """The lock file of a store: `.NAME.lock` in its parent directory."""
     if "://" in str(store):
         raise SclabelError(
-            f"{store}: the store writer writes local directories only (object storage has no lock, and two "
-            "writers would race on index.json); ingest to a local path and upload the finished store"
+            f"{store}: object storage has no lock; `sclabel-data ingest -o s3://...` commits there with a "
+            "conditional put instead (data_tools/remote_store.py)"
         )
     store = Path(store).absolute()
     return store.parent / f".{store.name.lstrip('.')}.lock"

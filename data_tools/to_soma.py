@@ -24,6 +24,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from sclabel_dist.atomic import replaced_on_success
+from sclabel_dist.data.stores.location import as_path, is_remote
 from sclabel_dist.errors import SclabelError
 from sclabel_dist.vocab import GeneVocab
 
@@ -307,7 +308,11 @@ def write_experiment(source: Source, uri: Path, *, block_rows: int, row_tile: in
 
 def open_source(args: argparse.Namespace) -> Source:
     """The input named on the command line: a cell store directory or an .h5ad file."""
-    src: Path = args.input
+    src = args.input
+    if is_remote(src):  # s3://bucket/prefix: a cell store there
+        if args.vocab or args.layer or args.use_raw or args.obs_columns:
+            raise SclabelError(f"{src}: --vocab, --layer, --use-raw and --obs-columns apply to .h5ad input")
+        return open_store_source(src)
     if not src.exists():
         raise SclabelError(f"{src}: input not found")
     if src.is_dir():
@@ -328,7 +333,9 @@ def open_source(args: argparse.Namespace) -> Source:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sclabel-data to-soma", description=__doc__.splitlines()[0])
-    p.add_argument("input", type=Path, help="a cell store directory or an .h5ad file")
+    p.add_argument(
+        "input", type=as_path, help="a cell store (directory or s3://bucket/prefix) or an .h5ad file"
+    )
     p.add_argument("--out", required=True, type=Path, help="the SOMA experiment directory to create")
     p.add_argument("--vocab", type=Path, help="(.h5ad) vocabulary: a vocab.json or a cell store")
     p.add_argument("--layer", help="(.h5ad) read layers/LAYER instead of X")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from sclabel_dist.data import format as fmt
+from sclabel_dist.data.stores.location import as_path
 from sclabel_dist.errors import SclabelError
 from sclabel_dist.vocab import GeneVocab
 
@@ -79,8 +80,8 @@ def check_shard(store: Path, index: fmt.StoreIndex, s: fmt.ShardEntry, checksums
 
 
 def validate_store(store: str | Path, checksums: bool = True) -> tuple[list[str], list[str]]:
-    """(problems, warnings) of a store; no problems means valid."""
-    store = Path(store)
+    """(problems, warnings) of a store (a directory or s3://...); no problems means valid."""
+    store = as_path(store)
     try:
         index = fmt.read_index(store)
     except SclabelError as exc:

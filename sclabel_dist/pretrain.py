@@ -20,6 +20,7 @@ from sclabel_dist.bundle import load_bundle
 from sclabel_dist.checkpoint import find_verified_resume, load_checkpoint, read_state, save_checkpoint
 from sclabel_dist.config import PretrainConfig, to_dict
 from sclabel_dist.config_cli import add_config_options, load_from_args
+from sclabel_dist.data.stores import location
 from sclabel_dist.distributed.ds_config import build_deepspeed_config, rescale_batch
 from sclabel_dist.distributed.env import prepare_process, read_dist_env
 from sclabel_dist.distributed.lifeline import die_with_parent
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None, after_step: Callable[[int], None] | None
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 **timer.rates(env.world_size, flops, peak),
                 "peak_mem_gb": peak_memory_gb(device),
+                **location.log_counters(),  # stores at s3://: requests and transient errors retried (this rank)
                 "loader": train_data.state_dict(),  # consumed-sample accounting, checked by the fault test
             }
             logger.log(step, metrics)

@@ -226,7 +226,9 @@ class GeneVocab:
     ) -> GeneVocab:
         """Read a vocab.json (or a plain JSON list of gene names). expected_hash: the hash another file
         (`recorded_in`: a store's index.json, a bundle's config.json) holds for it; a difference is an error."""
-        path = Path(path)
+        from sclabel_dist.data.stores.location import as_path  # a store's vocab.json may be at s3://
+
+        path = as_path(path)
         if not path.is_file():
             raise SclabelError(f"vocabulary file not found: {path}")
         try:

@@ -5,7 +5,6 @@ their chunk table, and reading a window of (store, position) rows as one CSRBloc
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -23,12 +22,13 @@ SPLITS = ("train", "val")
 def run_vocab(data: DataConfig) -> GeneVocab:
     """The run's vocabulary: data.vocab if set, else the first Zarr store's vocab.json."""
     from sclabel_dist.data import format as fmt
+    from sclabel_dist.data.stores.location import as_path
 
     if data.vocab:
         return GeneVocab.from_json(data.vocab)
     for uri in data.stores:
-        if (Path(uri) / fmt.VOCAB_FILE).is_file():
-            return GeneVocab.from_json(Path(uri) / fmt.VOCAB_FILE)
+        if (as_path(uri) / fmt.VOCAB_FILE).is_file():
+            return GeneVocab.from_json(as_path(uri) / fmt.VOCAB_FILE)
     raise SclabelError("data.vocab is empty and no Zarr cell store in data.stores has a vocab.json")
 
 

@@ -16,6 +16,11 @@ A store is a directory::
                                       float32 for log-normalised input (value_kind "lognorm"); same chunking
           obs/<column>                int32 [num_rows] codes into index.obs_columns[column]; -1 = missing
 
+A store may also live at s3://bucket/prefix (stores/location.py): the same keys, except that a shard uploaded
+by `ingest -o s3://...` is named `shards/<dataset>/part_NNNNN.<token>` (a random token per ingest run, so two
+racing writers never overwrite each other's objects; ShardEntry.path holds the full name). index.json is put
+last there too, by a conditional put (data_tools/remote_store.py).
+
 Rows of a shard are CSR: row r is ``indices[indptr[r]:indptr[r+1]]``; a run [a, b) is one contiguous slice.
 Within a row, gene indices are strictly increasing. Categories of obs columns are global to the store (in
 index.json) and only ever extended, so appending a dataset never rewrites earlier shards.
@@ -23,7 +28,10 @@ index.json) and only ever extended, so appending a dataset never rewrites earlie
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -188,8 +196,10 @@ def part_name(i: int) -> str:
 
 
 def read_index(store: str | Path) -> StoreIndex:
-    """Parse STORE/index.json, checking the format name and version."""
-    path = Path(store) / INDEX_FILE
+    """Parse STORE/index.json (a local path or s3://...), checking the format name and version."""
+    from sclabel_dist.data.stores.location import as_path
+
+    path = as_path(store) / INDEX_FILE
     if not path.is_file():
         raise SclabelError(f"{store}: not a cell store (no {INDEX_FILE}; the ingest may not have finished)")
     try:
@@ -204,15 +214,59 @@ def write_index(store: str | Path, index: StoreIndex) -> None:
     write_json_atomic(Path(store) / INDEX_FILE, index.to_dict())
 
 
-def open_shard_arrays(store: str | Path, shard: ShardEntry) -> tuple[np.ndarray, Any, Any]:
-    """(indptr as int64 numpy, indices zarr.Array, data zarr.Array) of one shard, opened read-only."""
+def _as_path(store: Any) -> Any:
+    from sclabel_dist.data.stores.location import as_path
+
+    return as_path(store)
+
+
+def open_group(path: Any) -> Any:
+    """The zarr group at a local path or an S3Path, read-only (open its arrays inside zarr_pipeline(path))."""
     import zarr
 
-    path = Path(store) / shard.path
+    from sclabel_dist.data.stores.location import is_remote
+
+    return path.zarr_group() if is_remote(path) else zarr.open_group(str(path), mode="r")
+
+
+def zarr_pipeline(path: Any) -> Any:
+    """A context in which arrays under `path` are opened: zarr's own codec pipeline for object storage.
+
+    The zarrs pipeline re-creates an obstore store in its own runtime and its reads through it never
+    complete (zarrs 0.2 / obstore 0.12); an array keeps the pipeline it was opened with. zarr's config is
+    process-wide, so remote opens hold a lock while it is switched (they are few: a store's open, validate)."""
+    from sclabel_dist.data.stores.location import is_remote
+
+    return _remote_pipeline() if is_remote(path) else contextlib.nullcontext()
+
+
+_PIPELINE_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _remote_pipeline() -> Any:
+    import zarr
+
+    with _PIPELINE_LOCK:  # read while no one holds it: the global value, not another opener's switch
+        zarrs = "zarrs" in str(zarr.config.get("codec_pipeline.path"))
+    if not zarrs:  # zarr's own pipeline (no local store switched to zarrs): remote opens run in parallel
+        yield
+        return
+    with (
+        _PIPELINE_LOCK,
+        zarr.config.set({"codec_pipeline.path": "zarr.core.codec_pipeline.BatchedCodecPipeline"}),
+    ):
+        yield
+
+
+def open_shard_arrays(store: str | Path, shard: ShardEntry) -> tuple[np.ndarray, Any, Any]:
+    """(indptr as int64 numpy, indices zarr.Array, data zarr.Array) of one shard, opened read-only."""
+    path = _as_path(store) / shard.path
     try:
-        group = zarr.open_group(str(path), mode="r")
-        indptr = np.asarray(group[INDPTR][:], dtype=np.int64)
-        return indptr, group[INDICES], group[DATA]
+        with zarr_pipeline(path):
+            group = open_group(path)
+            indptr = np.asarray(group[INDPTR][:], dtype=np.int64)
+            return indptr, group[INDICES], group[DATA]
     except (FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
         # A failed crc32c is a ValueError from zarr, a RuntimeError from the zarrs pipeline.
         raise SclabelError(f"{path}: shard unreadable ({type(exc).__name__}: {exc})") from None
@@ -220,11 +274,10 @@ def open_shard_arrays(store: str | Path, shard: ShardEntry) -> tuple[np.ndarray,
 
 def read_obs_codes(store: str | Path, shard: ShardEntry, column: str) -> np.ndarray:
     """int32 codes of obs `column` for every row of a shard (-1 where the shard's dataset lacks the column)."""
-    import zarr
-
-    group = zarr.open_group(str(Path(store) / shard.path), mode="r")
+    path = _as_path(store) / shard.path
     try:
-        return np.asarray(group[f"{OBS_GROUP}/{column}"][:], dtype=np.int32)
+        with zarr_pipeline(path):
+            return np.asarray(open_group(path)[f"{OBS_GROUP}/{column}"][:], dtype=np.int32)
     except KeyError:
         return np.full(shard.num_rows, MISSING_CODE, dtype=np.int32)
 
@@ -240,4 +293,12 @@ def dataset_shards(index: StoreIndex, names: Sequence[str]) -> list[ShardEntry]:
 
 def shard_checksum(shard_dir: str | Path) -> str:
     """A shard's index.json checksum: sha256 over its files, their sorted relative paths and bytes."""
-    return sha256_tree(shard_dir)
+    from sclabel_dist.data.stores.location import as_path, is_remote
+
+    path = as_path(shard_dir)
+    if not is_remote(path):
+        return sha256_tree(path)
+    h = hashlib.sha256()  # the same digest as sha256_tree, object by object (a zarr shard file: a few MB)
+    for f in sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.relative_to(path)):
+        h.update(f.relative_to(path).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()

@@ -31,11 +31,14 @@ def main() -> None:
     ds.close()
     mine = torch.from_numpy(np.concatenate(ids))
     counts = [None] * world
-    dist.all_gather_object(counts, (batches, mine.tolist()))
+    from sclabel_dist.data.stores import location
+
+    dist.all_gather_object(counts, (batches, mine.tolist(), location.stats()["retries"]))
     if rank == 0:
-        all_ids = [i for _, ids_r in counts for i in ids_r]
+        all_ids = [i for _, ids_r, _ in counts for i in ids_r]
+        retries = [r for _, _, r in counts]  # object-store reads retried by each rank (a store at s3://)
         with open(out, "w") as fh:
-            json.dump({"batches": [b for b, _ in counts], "ids": all_ids}, fh)
+            json.dump({"batches": [b for b, _, _ in counts], "ids": all_ids, "retries": retries}, fh)
     dist.destroy_process_group()
 
 

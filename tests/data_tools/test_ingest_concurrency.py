@@ -105,8 +105,3 @@ def test_multi_input_append_killed_half_way_commits_nothing_and_reruns(
     index = fmt.read_index(store)
     assert [d.name for d in index.datasets] == ["base", "one", "two"] and index.num_rows == 12000
     assert validate_store(store) == ([], [])
-
-
-def test_s3_output_is_refused(tmp_path: Path, inputs: list[Path]) -> None:
-    r = subprocess.run(_cmd(str(inputs[0]), "-o", "s3://bucket/store"), capture_output=True, text=True)
-    assert r.returncode == 2 and "local directories only" in r.stderr and "Traceback" not in r.stderr

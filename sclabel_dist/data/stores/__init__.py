@@ -13,10 +13,11 @@ def open_store(uri: str, *, vocab: GeneVocab | None = None, **kwargs: Any) -> Ce
     from pathlib import Path
 
     from sclabel_dist.data import format as fmt
+    from sclabel_dist.data.stores.location import as_path
     from sclabel_dist.errors import SclabelError
 
     # The store modules are imported here, never by base.py: base is what they import.
-    if (Path(uri) / fmt.INDEX_FILE).is_file():
+    if (as_path(uri) / fmt.INDEX_FILE).is_file():
         from sclabel_dist.data.stores.zarr_store import ZarrCellStore
 
         return ZarrCellStore(uri, **kwargs)

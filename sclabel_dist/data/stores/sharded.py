@@ -8,6 +8,11 @@ with the GIL released in both, so the loader's reader threads decode in parallel
 zarr.json when an array is opened; anything else (another codec chain, big-endian, no sharding) gives None and
 the caller reads it through zarr.
 
+In object storage (an S3Path) the same layout is read with byte-range requests instead of preads: a window's
+reads are planned first (`fetch_remote`: the shard indexes it lacks, then every chunk span it needs, each round
+all in flight at once through location.py) and then decoded from the fetched buffers by the same code, crc32c
+checks included.
+
 Verified reads: the writer appends a crc32c to every inner chunk (codec chain bytes -> blosc -> crc32c) and
 writes every chunk, so here each chunk read is checked before it is decoded, and a shard file or chunk that is
 absent inside the array is an error naming the file (it would otherwise read as zeros). Arrays written before
@@ -20,10 +25,13 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from sclabel_dist.data.stores import location
 from sclabel_dist.errors import SclabelError
 
 _EMPTY = np.uint64(2**64 - 1)  # a shard index entry (offset, nbytes) of an inner chunk never written
@@ -33,8 +41,9 @@ _CHECKSUM_BYTES = 4  # crc32c after the shard index, and after each chunk when t
 class ShardedArray:
     """A 1-D sharded blosc array: shard indexes loaded once per shard file, chunks decoded on demand."""
 
-    def __init__(self, path: Path, meta: dict):
+    def __init__(self, path: Path | location.S3Path, meta: dict):
         self.path = path
+        self.remote = location.is_remote(path)
         self.size = int(meta["shape"][0])
         self.dtype = np.dtype(meta["data_type"])
         self.shard = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
@@ -55,6 +64,9 @@ class ShardedArray:
             return self._index[s]
         file = self.path / self._key.format(s)
         n = self.chunks_per_shard * 16
+        if self.remote:
+            self._set_index(s, location.fetch_tails([file], [n + _CHECKSUM_BYTES])[0])
+            return self._index[s]
         try:
             with open(file, "rb") as f:
                 f.seek(-(n + _CHECKSUM_BYTES), os.SEEK_END)
@@ -70,8 +82,41 @@ class ShardedArray:
             self._index[s] = index
         return index
 
-    def read_into(self, lo: int, hi: int, out: np.ndarray) -> None:
-        """out[:] = array[lo:hi] (out: 1-D, contiguous, hi - lo elements, this array's dtype)."""
+    def _set_index(self, s: int, raw: Any) -> None:
+        """Record shard file s's index from its fetched tail (None: the object does not exist)."""
+        index = None
+        if raw is not None:
+            n = self.chunks_per_shard * 16
+            file = self.path / self._key.format(s)
+            if len(raw) < n + _CHECKSUM_BYTES:
+                raise SclabelError(f"{file}: truncated shard ({len(raw)} bytes, its index alone is {n + 4})")
+            raw = bytes(raw)
+            _check_crc(raw[:n], raw[n:], file)
+            index = np.frombuffer(raw[:n], dtype="<u8").reshape(-1, 2)
+        with self._lock:
+            self._index[s] = index
+
+    def file(self, s: int) -> Any:
+        return self.path / self._key.format(s)
+
+    def spans(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        """(shard file, byte start, byte length) that read_into(lo, hi) reads (indexes must be loaded)."""
+        out = []
+        for s, base, pos, end in self._shard_spans(lo, hi):
+            index = self._index.get(s)
+            if index is None:
+                continue  # read_into raises (or fills) for an absent shard file
+            rows = index[(pos - base) // self.chunk : (end - 1 - base) // self.chunk + 1]
+            rows = rows[rows[:, 0] != _EMPTY]
+            if len(rows):
+                start = int(rows[:, 0].min())
+                out.append((s, start, int((rows[:, 0] + rows[:, 1]).max()) - start))
+        return out
+
+    def read_into(self, lo: int, hi: int, out: np.ndarray, fetched: dict | None = None) -> None:
+        """out[:] = array[lo:hi] (out: 1-D, contiguous, hi - lo elements, this array's dtype).
+
+        fetched: {(file, start, length): bytes} from fetch_remote (an object-store array reads nothing else)."""
         from numcodecs import blosc
 
         assert 0 <= lo <= hi <= self.size and out.shape == (hi - lo,) and out.dtype == self.dtype
@@ -90,7 +135,7 @@ class ShardedArray:
             c0, c1 = (pos - base) // self.chunk, (end - 1 - base) // self.chunk + 1
             offsets, nbytes = index[c0:c1, 0], index[c0:c1, 1]
             stored = offsets != _EMPTY
-            buf, start = self._read_stored(s, offsets[stored], nbytes[stored])
+            buf, start = self._read_stored(s, offsets[stored], nbytes[stored], fetched)
             for c in range(c0, c1):
                 e0 = base + c * self.chunk
                 a, b = max(pos, e0), min(end, e0 + self.chunk)
@@ -120,6 +165,8 @@ class ShardedArray:
 
         A cold read is one blocking pread per slice, so a reader thread has one request in flight and waits
         on each; this hint queues every slice of a window at once (read_into then finds them cached)."""
+        if self.remote:
+            return  # object stores: fetch_remote requests a window's bytes up front instead
         for s, base, pos, end in self._shard_spans(lo, hi):
             index = self._shard_index(s)
             if index is not None:
@@ -144,12 +191,22 @@ class ShardedArray:
             yield s, base, pos, end
             pos = end
 
-    def _read_stored(self, s: int, offsets: np.ndarray, nbytes: np.ndarray) -> tuple[np.ndarray, int]:
+    def _read_stored(
+        self, s: int, offsets: np.ndarray, nbytes: np.ndarray, fetched: dict | None = None
+    ) -> tuple[np.ndarray, int]:
         """The bytes spanning the given stored chunks of shard file s, and the file offset they start at."""
         if len(offsets) == 0:
             return np.empty(0, dtype=np.uint8), 0
         start = int(offsets.min())
         span = int((offsets + nbytes).max()) - start
+        if self.remote:
+            key = (str(self.file(s)), start, span)
+            got = fetched.get(key) if fetched is not None else None
+            if got is None:  # a read not planned by fetch_remote (a single-array caller): fetch it now
+                got = location.fetch_ranges([(self.file(s), [start], [start + span])])[0][0]
+            if len(got) != span:
+                raise SclabelError(f"{self.file(s)}: truncated shard ({len(got)} of {span} bytes)")
+            return np.frombuffer(got, dtype=np.uint8), start
         buf = np.empty(span, dtype=np.uint8)  # not zero-filled: the pread overwrites it
         # One pread: zarr writes a shard's chunks back to back in order, so the span is what is needed.
         fd = os.open(self.path / self._key.format(s), os.O_RDONLY)
@@ -160,6 +217,36 @@ class ShardedArray:
         if got != span:
             raise SclabelError(f"{self.path / self._key.format(s)}: truncated shard ({got} of {span} bytes)")
         return buf, start
+
+
+def fetch_remote(requests: Sequence[tuple[ShardedArray, int, int]]) -> dict:
+    """The bytes that read_into(lo, hi) needs for every (array, lo, hi) of object-store arrays, fetched in two
+    concurrent rounds: the shard indexes not yet cached, then every chunk span (one get_ranges per object).
+    Returns the `fetched` mapping read_into takes."""
+    missing: dict[tuple[int, int], tuple[ShardedArray, int]] = {}
+    for a, lo, hi in requests:
+        for s, *_ in a._shard_spans(lo, hi):
+            if s not in a._index:
+                missing[(id(a), s)] = (a, s)
+    if missing:
+        todo = list(missing.values())
+        tails = location.fetch_tails(
+            [a.file(s) for a, s in todo], [a.chunks_per_shard * 16 + _CHECKSUM_BYTES for a, _ in todo]
+        )
+        for (a, s), raw in zip(todo, tails, strict=True):
+            a._set_index(s, raw)
+    per_file: dict[str, tuple[Any, set[tuple[int, int]]]] = {}
+    for a, lo, hi in requests:
+        for s, start, span in a.spans(lo, hi):
+            f = a.file(s)
+            per_file.setdefault(str(f), (f, set()))[1].add((start, span))
+    plan = [(f, sorted(r)) for f, r in per_file.values()]
+    got = location.fetch_ranges([(f, [a for a, _ in r], [a + n for a, n in r]) for f, r in plan])
+    return {
+        (str(f), start, span): buf
+        for (f, r), bufs in zip(plan, got, strict=True)
+        for (start, span), buf in zip(r, bufs, strict=True)
+    }
 
 
 def _verified(chunk: np.ndarray, file: Path, c: int) -> np.ndarray:
@@ -185,7 +272,7 @@ def _check_crc(payload: bytes, stored: bytes, file: Path) -> None:
         raise SclabelError(f"{file}: shard index checksum mismatch (corrupt or half-written shard)")
 
 
-def has_chunk_checksums(path: Path) -> bool:
+def has_chunk_checksums(path: Path | location.S3Path) -> bool:
     """Whether the sharded array at `path` was written with a crc32c per inner chunk (checked on every read)."""
     try:
         meta = json.loads((path / "zarr.json").read_text())
@@ -195,7 +282,7 @@ def has_chunk_checksums(path: Path) -> bool:
         return False
 
 
-def open_sharded(path: Path) -> ShardedArray | None:
+def open_sharded(path: Path | location.S3Path) -> ShardedArray | None:
     """The array at `path` when its zarr.json is the layout read here, else None (read it through zarr)."""
     try:
         meta = json.loads((path / "zarr.json").read_text())

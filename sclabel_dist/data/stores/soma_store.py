@@ -52,7 +52,10 @@ class SomaCellStore:
         self.uri = str(uri)
         self.vocab = vocab
         try:
-            ctx = tiledbsoma.SOMATileDBContext(tiledb_config=_TILEDB_CONFIG)
+            from sclabel_dist.data.stores.location import is_remote, tiledb_s3_config
+
+            s3 = tiledb_s3_config() if is_remote(self.uri) else {}  # the AWS_* endpoint obstore uses too
+            ctx = tiledbsoma.SOMATileDBContext(tiledb_config={**_TILEDB_CONFIG, **s3})
             self._exp = tiledbsoma.Experiment.open(self.uri, context=ctx)
             ms = self._exp.ms[measurement]
         except Exception as exc:

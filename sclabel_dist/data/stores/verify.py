@@ -4,7 +4,8 @@ Stores written before the writer added per-chunk crc32c (sharded.py checks those
 the per-shard sha256 of index.json. Such shards are hashed when a store is first opened and the result is
 remembered by each file's size and mtime, so the cost is paid once per shard version, not per run. A file
 rewritten in place (new mtime) is hashed again; bit rot that keeps the mtime is caught only by
-`sclabel-data validate` or a re-ingest (which adds the per-chunk checks).
+`sclabel-data validate` or a re-ingest (which adds the per-chunk checks). In object storage the verdict is
+remembered by each object's size and ETag instead of the mtime.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 from pathlib import Path
 
 from sclabel_dist.data import format as fmt
+from sclabel_dist.data.stores.location import as_path, is_remote
 from sclabel_dist.errors import SclabelError
 
 CACHE_ENV = "SCLABEL_CACHE_DIR"  # where the record of verified shards lives (default ~/.cache/sclabel-dist)
@@ -28,11 +30,12 @@ def cache_file() -> Path:
 
 
 def _stamp(shard_dir: Path) -> list[list]:
-    """[relative path, size, mtime_ns] of every file of a shard: what a cached verdict is valid for."""
+    """[relative path, size, mtime_ns or ETag] of every file of a shard: what a cached verdict is valid for."""
     out = []
-    for f in sorted(p for p in shard_dir.rglob("*") if p.is_file()):
+    for f in sorted((p for p in shard_dir.rglob("*") if p.is_file()), key=lambda p: p.relative_to(shard_dir)):
         st = f.stat()
-        out.append([f.relative_to(shard_dir).as_posix(), st.st_size, st.st_mtime_ns])
+        version = st.e_tag if is_remote(f) else st.st_mtime_ns
+        out.append([f.relative_to(shard_dir).as_posix(), st.st_size, version])
     return out
 
 
@@ -47,7 +50,8 @@ def verify_shards(store: str | Path, shards: list[fmt.ShardEntry]) -> None:
         cache = {}
     changed = False
     for s in shards:
-        d = (Path(store) / s.path).resolve()
+        d = as_path(store) / s.path
+        d = d if is_remote(d) else d.resolve()
         if not d.is_dir():
             raise SclabelError(f"{d}: shard missing (listed in index.json)")
         stamp = _stamp(d)

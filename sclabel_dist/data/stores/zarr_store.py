@@ -5,11 +5,16 @@ The runs of a read_rows call become element slices of `indices` and `data`. Arra
 released, no zarr objects per slice), in the calling thread: the loader's reader threads are the parallelism.
 Other layouts go through zarr, all slices in one asyncio.gather on its event loop (decoding in Rust threads with
 the `zarrs` codec pipeline when it is installed).
+
+A store at s3://bucket/prefix is read the same way, through byte-range requests: a read_rows call fetches every
+byte range of its rows at once (sharded.fetch_remote) and then decodes; the loader's read-ahead keeps
+`read_threads * read_ahead` windows in flight, which is what hides the per-request latency.
 """
 
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +22,8 @@ import numpy as np
 
 from sclabel_dist.data import format as fmt
 from sclabel_dist.data.stores.base import CSRBlock, checked_rows, lognorm_flags, runs
-from sclabel_dist.data.stores.sharded import ShardedArray, has_chunk_checksums, open_sharded
+from sclabel_dist.data.stores.location import as_path, is_remote
+from sclabel_dist.data.stores.sharded import ShardedArray, fetch_remote, has_chunk_checksums, open_sharded
 from sclabel_dist.data.stores.verify import verify_shards
 from sclabel_dist.errors import SclabelError
 from sclabel_dist.vocab import GeneVocab
@@ -38,42 +44,45 @@ class ZarrCellStore:
     """A cell store directory opened read-only: indptr of every shard in RAM, indices/data read on demand."""
 
     def __init__(self, uri: str | Path, *, zarrs: bool = True, direct: bool = True):
-        if zarrs:
-            use_zarrs_pipeline()
         self.uri = str(uri)
-        self.index = fmt.read_index(uri)
-        self.vocab = GeneVocab.from_json(Path(uri) / fmt.VOCAB_FILE, self.index.vocab_hash, fmt.INDEX_FILE)
+        self.root = as_path(uri)
+        self.remote = is_remote(self.root)
+        if zarrs and not self.remote:  # zarrs cannot read through obstore (format.zarr_pipeline)
+            use_zarrs_pipeline()
+        self.index = fmt.read_index(self.root)
+        self.vocab = GeneVocab.from_json(self.root / fmt.VOCAB_FILE, self.index.vocab_hash, fmt.INDEX_FILE)
         self.num_rows = self.index.num_rows
         self._offsets = self.index.row_offsets()
+        # Each shard's opening is a few small reads: in object storage each is a round trip, so they overlap.
+        with ThreadPoolExecutor(16 if self.remote else 1) as pool:
+            opened = list(pool.map(lambda s: self._open_shard(s, direct), self.index.shards))
         # Shards written without per-chunk crc32c are checked whole, once per shard version (verify.py).
-        legacy = [
-            shard
-            for shard in self.index.shards
-            if not all(has_chunk_checksums(Path(uri) / shard.path / n) for n in (fmt.INDICES, fmt.DATA))
-        ]
-        verify_shards(uri, legacy)
-        self._indptr: list[np.ndarray] = []
-        self._arrays: list[tuple[Any, Any]] = []
-        for shard in self.index.shards:
-            # indptr is checked here, once (crc32c by zarr, then its shape against the index), because a
-            # wrong indptr would silently shift every row read through it.
-            indptr, indices, data = fmt.open_shard_arrays(uri, shard)
-            if len(indptr) != shard.num_rows + 1 or indptr[0] != 0 or indptr[-1] != shard.nnz:
-                raise SclabelError(
-                    f"{Path(uri) / shard.path}: indptr disagrees with index.json (damaged shard)"
-                )
-            if np.any(indptr[1:] < indptr[:-1]):
-                raise SclabelError(f"{Path(uri) / shard.path}: indptr not monotone (damaged shard)")
-            self._indptr.append(indptr)
-            fast = [open_sharded(Path(uri) / shard.path / name) for name in (fmt.INDICES, fmt.DATA)]
-            if direct and all(a is not None for a in fast):
-                self._arrays.append(tuple(fast))
-            else:
-                self._arrays.append((indices, data))
+        verify_shards(
+            self.root,
+            [shard for shard, (legacy, *_) in zip(self.index.shards, opened, strict=True) if legacy],
+        )
+        self._indptr: list[np.ndarray] = [indptr for _, indptr, _ in opened]
+        self._arrays: list[tuple[Any, Any]] = [arrays for _, _, arrays in opened]
         self._kinds = [
             (int(o), int(o) + s.num_rows, s.value_kind)
             for o, s in zip(self._offsets[:-1], self.index.shards, strict=True)
         ]
+
+    def _open_shard(self, shard: fmt.ShardEntry, direct: bool) -> tuple[bool, np.ndarray, tuple[Any, Any]]:
+        """(written without per-chunk crc32c, indptr, (indices, data) readers) of one shard."""
+        where = self.root / shard.path
+        legacy = not all(has_chunk_checksums(where / n) for n in (fmt.INDICES, fmt.DATA))
+        # indptr is checked here, once (crc32c by zarr, then its shape against the index), because a
+        # wrong indptr would silently shift every row read through it.
+        indptr, indices, data = fmt.open_shard_arrays(self.root, shard)
+        if len(indptr) != shard.num_rows + 1 or indptr[0] != 0 or indptr[-1] != shard.nnz:
+            raise SclabelError(f"{where}: indptr disagrees with index.json (damaged shard)")
+        if np.any(indptr[1:] < indptr[:-1]):
+            raise SclabelError(f"{where}: indptr not monotone (damaged shard)")
+        fast = [open_sharded(where / name) for name in (fmt.INDICES, fmt.DATA)]
+        if direct and all(a is not None for a in fast):
+            return legacy, indptr, (fast[0], fast[1])
+        return legacy, indptr, (indices, data)
 
     @property
     def num_genes(self) -> int:
@@ -105,8 +114,12 @@ class ZarrCellStore:
         indptr = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(lengths, out=indptr[1:])
         if all(isinstance(self._arrays[s][0], ShardedArray) for s, _, _ in slices):
-            self._will_need(slices)
-            indices, data = (self._read_direct(slices, k, int(indptr[-1])) for k in (0, 1))
+            fetched = None
+            if self.remote:  # every byte range of the window requested at once, then decoded
+                fetched = fetch_remote([(a, lo, hi) for s, lo, hi in slices for a in self._arrays[s]])
+            else:
+                self._will_need(slices)
+            indices, data = (self._read_direct(slices, k, int(indptr[-1]), fetched) for k in (0, 1))
         else:
             parts = _gather([(self._arrays[s][k], lo, hi) for s, lo, hi in slices for k in (0, 1)])
             # Native dtypes (uint16 genes, uint8/uint16 counts) are kept: a cast would cost a pass per block.
@@ -121,7 +134,9 @@ class ZarrCellStore:
             for array in self._arrays[s]:
                 array.will_need(lo, hi)
 
-    def _read_direct(self, slices: list[tuple[int, int, int]], k: int, total: int) -> np.ndarray:
+    def _read_direct(
+        self, slices: list[tuple[int, int, int]], k: int, total: int, fetched: dict | None = None
+    ) -> np.ndarray:
         """Array k (0 indices, 1 data) over the element slices, decoded into one array (dtypes promoted)."""
         arrays = [self._arrays[s][k] for s, _, _ in slices]
         out = np.empty(total, dtype=np.result_type(*{a.dtype for a in arrays}))
@@ -129,10 +144,10 @@ class ZarrCellStore:
         for a, (_, lo, hi) in zip(arrays, slices, strict=True):
             dst = out[at : at + hi - lo]
             if a.dtype == out.dtype:
-                a.read_into(lo, hi, dst)
+                a.read_into(lo, hi, dst, fetched)
             else:  # shards of different value dtypes (uint8 and uint16 counts, say) in one block
                 tmp = np.empty(hi - lo, dtype=a.dtype)
-                a.read_into(lo, hi, tmp)
+                a.read_into(lo, hi, tmp, fetched)
                 dst[:] = tmp
             at += hi - lo
         return out
@@ -143,7 +158,10 @@ class ZarrCellStore:
                 f"{self.uri}: no obs column {column!r}; present: {sorted(self.index.obs_columns)}"
             )
         cats = np.array(list(self.index.obs_columns[column]) + [None], dtype=object)
-        codes = np.concatenate([fmt.read_obs_codes(self.uri, s, column) for s in self.index.shards])
+        with ThreadPoolExecutor(16 if self.remote else 1) as pool:
+            codes = np.concatenate(
+                list(pool.map(lambda s: fmt.read_obs_codes(self.root, s, column), self.index.shards))
+            )
         return cats[np.where(codes < 0, len(cats) - 1, codes)]
 
     def datasets(self) -> np.ndarray:
