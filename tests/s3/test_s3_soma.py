@@ -9,7 +9,7 @@ import numpy as np
 
 from data_tools.ingest import main as ingest
 from data_tools.to_soma import main as to_soma
-from sclabel_dist.data.stores.base import open_store
+from sclabel_dist.data.stores import open_store
 from sclabel_dist.data.stores.location import as_path
 from sclabel_dist.data.stores.soma_store import SomaCellStore
 from sclabel_dist.data.stores.zarr_store import ZarrCellStore
