@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from sclabel_dist.data.stores import location
+from sclabel_dist.data.stores.location import S3Path, fetch_ranges, fetch_tails, is_remote
 from sclabel_dist.errors import SclabelError
 
 _EMPTY = np.uint64(2**64 - 1)  # a shard index entry (offset, nbytes) of an inner chunk never written
@@ -41,9 +41,9 @@ _CHECKSUM_BYTES = 4  # crc32c after the shard index, and after each chunk when t
 class ShardedArray:
     """A 1-D sharded blosc array: shard indexes loaded once per shard file, chunks decoded on demand."""
 
-    def __init__(self, path: Path | location.S3Path, meta: dict):
+    def __init__(self, path: Path | S3Path, meta: dict):
         self.path = path
-        self.remote = location.is_remote(path)
+        self.remote = is_remote(path)
         self.size = int(meta["shape"][0])
         self.dtype = np.dtype(meta["data_type"])
         self.shard = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
@@ -65,7 +65,7 @@ class ShardedArray:
         file = self.path / self._key.format(s)
         n = self.chunks_per_shard * 16
         if self.remote:
-            self._set_index(s, location.fetch_tails([file], [n + _CHECKSUM_BYTES])[0])
+            self._set_index(s, fetch_tails([file], [n + _CHECKSUM_BYTES])[0])
             return self._index[s]
         try:
             with open(file, "rb") as f:
@@ -203,7 +203,7 @@ class ShardedArray:
             key = (str(self.file(s)), start, span)
             got = fetched.get(key) if fetched is not None else None
             if got is None:  # a read not planned by fetch_remote (a single-array caller): fetch it now
-                got = location.fetch_ranges([(self.file(s), [start], [start + span])])[0][0]
+                got = fetch_ranges([(self.file(s), [start], [start + span])])[0][0]
             if len(got) != span:
                 raise SclabelError(f"{self.file(s)}: truncated shard ({len(got)} of {span} bytes)")
             return np.frombuffer(got, dtype=np.uint8), start
@@ -230,7 +230,7 @@ def fetch_remote(requests: Sequence[tuple[ShardedArray, int, int]]) -> dict:
                 missing[(id(a), s)] = (a, s)
     if missing:
         todo = list(missing.values())
-        tails = location.fetch_tails(
+        tails = fetch_tails(
             [a.file(s) for a, s in todo], [a.chunks_per_shard * 16 + _CHECKSUM_BYTES for a, _ in todo]
         )
         for (a, s), raw in zip(todo, tails, strict=True):
@@ -241,7 +241,7 @@ def fetch_remote(requests: Sequence[tuple[ShardedArray, int, int]]) -> dict:
             f = a.file(s)
             per_file.setdefault(str(f), (f, set()))[1].add((start, span))
     plan = [(f, sorted(r)) for f, r in per_file.values()]
-    got = location.fetch_ranges([(f, [a for a, _ in r], [a + n for a, n in r]) for f, r in plan])
+    got = fetch_ranges([(f, [a for a, _ in r], [a + n for a, n in r]) for f, r in plan])
     return {
         (str(f), start, span): buf
         for (f, r), bufs in zip(plan, got, strict=True)
@@ -272,7 +272,7 @@ def _check_crc(payload: bytes, stored: bytes, file: Path) -> None:
         raise SclabelError(f"{file}: shard index checksum mismatch (corrupt or half-written shard)")
 
 
-def has_chunk_checksums(path: Path | location.S3Path) -> bool:
+def has_chunk_checksums(path: Path | S3Path) -> bool:
     """Whether the sharded array at `path` was written with a crc32c per inner chunk (checked on every read)."""
     try:
         meta = json.loads((path / "zarr.json").read_text())
@@ -282,7 +282,7 @@ def has_chunk_checksums(path: Path | location.S3Path) -> bool:
         return False
 
 
-def open_sharded(path: Path | location.S3Path) -> ShardedArray | None:
+def open_sharded(path: Path | S3Path) -> ShardedArray | None:
     """The array at `path` when its zarr.json is the layout read here, else None (read it through zarr)."""
     try:
         meta = json.loads((path / "zarr.json").read_text())
