@@ -19,11 +19,20 @@ _bucket_ids = itertools.count()
 SECRET = "sclabel-test-secret-0123456789abcdef"  # grepped for in everything the tests write
 
 
+def raise_accept_queue(size: int = 4096) -> None:
+    """werkzeug listens with a queue of 128; the loader opens ~200 connections at once, and a connection
+    the kernel drops waits 1-31 s for its SYN to be retried (see proxy.py)."""
+    from werkzeug.serving import BaseWSGIServer
+
+    BaseWSGIServer.request_queue_size = size
+
+
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    raise_accept_queue()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

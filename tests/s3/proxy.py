@@ -20,6 +20,12 @@ _SLOW_DOWN = (
 )
 
 
+# The accept queue. socketserver's default is 5: the loader opens ~100-200 connections at once (every range
+# request of its read-ahead in flight), the kernel drops the SYNs that do not fit, and each dropped client waits
+# for its SYN to be retransmitted (1, 3, 7, 15, 31 s): the ~35 s first batches of benchmarks/RESULTS.md.
+BACKLOG = 4096
+
+
 class FaultyProxy:
     """start() -> url; counts requests forwarded and failed. fail_only_gets: faults on reads only."""
 
@@ -31,12 +37,14 @@ class FaultyProxy:
         fail_rate: float = 0.0,
         seed: int = 0,
         fail_only_gets: bool = True,
+        backlog: int = BACKLOG,
     ):
         host, _, port = upstream.removeprefix("http://").partition(":")
         self.upstream = (host, int(port))
         self.delay_s = delay_s
         self.fail_rate = fail_rate
         self.fail_only_gets = fail_only_gets
+        self.backlog = backlog
         self.rng = random.Random(seed)
         self.rng_lock = threading.Lock()
         self.forwarded = 0
@@ -110,7 +118,8 @@ class FaultyProxy:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server_class = type("Server", (ThreadingHTTPServer,), {"request_queue_size": self.backlog})
+        self._server = server_class(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -130,8 +139,11 @@ def main() -> None:
     p.add_argument("upstream")
     p.add_argument("--delay-ms", type=float, default=0.0)
     p.add_argument("--fail-rate", type=float, default=0.0)
+    p.add_argument("--backlog", type=int, default=BACKLOG, help="accept queue (5: socketserver's default)")
     args = p.parse_args()
-    proxy = FaultyProxy(args.upstream, delay_s=args.delay_ms / 1000, fail_rate=args.fail_rate)
+    proxy = FaultyProxy(
+        args.upstream, delay_s=args.delay_ms / 1000, fail_rate=args.fail_rate, backlog=args.backlog
+    )
     print(proxy.start(), flush=True)
     threading.Event().wait()
 
