@@ -26,6 +26,7 @@ import json
 import os
 import threading
 from collections.abc import Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ class ShardedArray:
         sep = meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator", "/")
         self._key = "c" + sep + "{}"
         self._index: dict[int, np.ndarray | None] = {}
+        self._fetching: dict[int, Future] = {}  # object stores: shard indexes being fetched by some thread
         self._lock = threading.Lock()
 
     def _shard_index(self, s: int) -> np.ndarray | None:
@@ -223,18 +225,7 @@ def fetch_remote(requests: Sequence[tuple[ShardedArray, int, int]]) -> dict:
     """The bytes that read_into(lo, hi) needs for every (array, lo, hi) of object-store arrays, fetched in two
     concurrent rounds: the shard indexes not yet cached, then every chunk span (one get_ranges per object).
     Returns the `fetched` mapping read_into takes."""
-    missing: dict[tuple[int, int], tuple[ShardedArray, int]] = {}
-    for a, lo, hi in requests:
-        for s, *_ in a._shard_spans(lo, hi):
-            if s not in a._index:
-                missing[(id(a), s)] = (a, s)
-    if missing:
-        todo = list(missing.values())
-        tails = fetch_tails(
-            [a.file(s) for a, s in todo], [a.chunks_per_shard * 16 + _CHECKSUM_BYTES for a, _ in todo]
-        )
-        for (a, s), raw in zip(todo, tails, strict=True):
-            a._set_index(s, raw)
+    _load_indexes(requests)
     per_file: dict[str, tuple[Any, set[tuple[int, int]]]] = {}
     for a, lo, hi in requests:
         for s, start, span in a.spans(lo, hi):
@@ -247,6 +238,49 @@ def fetch_remote(requests: Sequence[tuple[ShardedArray, int, int]]) -> dict:
         for (f, r), bufs in zip(plan, got, strict=True)
         for (start, span), buf in zip(r, bufs, strict=True)
     }
+
+
+def _load_indexes(requests: Sequence[tuple[ShardedArray, int, int]]) -> None:
+    """Fetch the shard indexes the requests need that are not cached, all at once. An index another reader
+    thread is already fetching is waited for, not fetched again: the first windows of a stream all start
+    with cold indexes, and without this each would fetch every one of them (more requests queued ahead of
+    the first batch's own)."""
+    mine: dict[tuple[int, int], tuple[ShardedArray, int, Future]] = {}
+    theirs: list[Future] = []
+    for a, lo, hi in requests:
+        for s, *_ in a._shard_spans(lo, hi):
+            with a._lock:
+                if s in a._index or (id(a), s) in mine:
+                    continue
+                if s in a._fetching:
+                    theirs.append(a._fetching[s])
+                else:
+                    fut: Future = Future()
+                    a._fetching[s] = fut
+                    mine[(id(a), s)] = (a, s, fut)
+    if mine:
+        todo = list(mine.values())
+        error: BaseException | None = None
+        try:
+            tails = fetch_tails(
+                [a.file(s) for a, s, _ in todo],
+                [a.chunks_per_shard * 16 + _CHECKSUM_BYTES for a, _, _ in todo],
+            )
+            for (a, s, _), raw in zip(todo, tails, strict=True):
+                a._set_index(s, raw)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:  # waiters get the index (now cached) or this thread's error
+            for a, s, fut in todo:
+                with a._lock:
+                    a._fetching.pop(s, None)
+                if error is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(error)
+    for fut in theirs:
+        fut.result()
 
 
 def _verified(chunk: np.ndarray, file: Path, c: int) -> np.ndarray:
