@@ -59,6 +59,15 @@ def machine_busy_s() -> float:
     return (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")
 
 
+def listen_overflows() -> int:
+    """The kernel's count of connections dropped because a listening socket's accept queue was full: a
+    dropped SYN is retried by the client after 1, 3, 7, 15, 31 s (a stall of that size, not an error)."""
+    lines = [
+        ln.split() for ln in Path("/proc/net/netstat").read_text().splitlines() if ln.startswith("TcpExt")
+    ]
+    return int(dict(zip(lines[0], lines[1], strict=True)).get("ListenOverflows", 0))
+
+
 def _spawn(code: list[str]) -> tuple[subprocess.Popen, str]:
     """Start a server process that prints its URL on its first line."""
     proc = subprocess.Popen(code, stdout=subprocess.PIPE, text=True, env={**os.environ, **ENV})
@@ -68,6 +77,8 @@ def _spawn(code: list[str]) -> tuple[subprocess.Popen, str]:
 MOTO = (
     "import logging,threading;from moto.server import ThreadedMotoServer;"
     "logging.getLogger('werkzeug').setLevel(logging.ERROR);"
+    # werkzeug's accept queue is 128: connections beyond it wait 1-31 s for a SYN retry (tests/s3/proxy.py)
+    "from werkzeug.serving import BaseWSGIServer;BaseWSGIServer.request_queue_size=4096;"
     "s=ThreadedMotoServer(ip_address='127.0.0.1',port=0,verbose=False);s.start();"
     "h,p=s.get_host_and_port();print(f'http://{h}:{p}',flush=True);threading.Event().wait()"
 )
@@ -98,14 +109,32 @@ def one(args: argparse.Namespace) -> dict:
         read_threads=args.threads,
         read_ahead=args.read_ahead,
     )
+    overflows0 = listen_overflows()
     t0 = time.perf_counter()
     ds = build_dataset(
         data, TokenizeConfig(max_len=1024), rank=0, world_size=1, seed=0, raw=not args.tokenized
     )
+    opened = time.perf_counter() - t0
+    open_requests = location.stats()["requests"]
+    # What the first batch waits on: when each of the first window reads started and ended (the pool runs
+    # them in submission order; window 0 is the first batch's own).
+    reads: list[tuple[int, float, float]] = []
+    real_read = ds._read_window
+
+    def timed_read(plan, w, epoch, segment):  # noqa: ANN001, ANN202
+        a = time.perf_counter() - t0
+        out = real_read(plan, w, epoch, segment)
+        if epoch == 0 and len(reads) < 24:
+            reads.append((w, round(a, 3), round(time.perf_counter() - t0, 3)))
+        return out
+
+    ds._read_window = timed_read
     it = iter(ds)
     count = (lambda b: b.num_cells) if args.tokenized else (lambda b: b.num_rows)
     count(next(it))
     first = time.perf_counter() - t0
+    first_requests = location.stats()["requests"]
+    first_overflows = listen_overflows() - overflows0
     for _ in range(args.warmup):
         count(next(it))
     location.reset_stats()
@@ -123,6 +152,11 @@ def one(args: argparse.Namespace) -> dict:
         "cells_per_s": cells / wall,
         "wall_s": wall,
         "first_batch_s": first,
+        "open_s": opened,
+        "first_window_reads": sorted(reads)[:8],  # (window, start s, end s) from the start of the open
+        "requests_to_first_batch": first_requests,
+        "requests_at_open": open_requests,
+        "listen_overflows_to_first_batch": first_overflows,
         "loader_cpu_s": (ru1.user - ru0.user) + (ru1.system - ru0.system),
         "requests": st["requests"],
         "retries": st["retries"],
@@ -159,10 +193,24 @@ def measure(store: str, tokenized: bool, args: argparse.Namespace, env: dict, se
     return res
 
 
+def _orders(delays: list[int], repeats: int, offset: int) -> list[tuple[int, int, bool]]:
+    """(repeat, delay, tokenised) in the order measured: each repeat starts at the next latency (0, 10, 50;
+    10, 50, 0; ...) and alternates which stream goes first, so a drift in the machine's load during the
+    command does not fall on one latency or one stream."""
+    out = []
+    for r in range(repeats):
+        k = (offset + r) % len(delays)
+        first_tok = bool((offset + r) % 2)
+        for d in delays[k:] + delays[:k]:
+            out += [(offset + r, d, first_tok), (offset + r, d, not first_tok)]
+    return out
+
+
 def run(args: argparse.Namespace) -> dict:
     store = store_path(args.cells)
     if not (store / "index.json").exists():
         raise SystemExit(f"{store}: run `prepare --cells {args.cells}` first")
+    delays = [int(d) for d in args.delays.split(",")]
     result = {
         "machine": {
             "cpu": platform.processor() or platform.machine(),
@@ -170,33 +218,42 @@ def run(args: argparse.Namespace) -> dict:
             "load_before": os.getloadavg(),
         },
         "cells": args.cells,
-        "config": {k: getattr(args, k) for k in ("batches", "warmup", "threads", "read_ahead")},
+        "config": {
+            k: getattr(args, k) for k in ("batches", "warmup", "threads", "read_ahead", "proxy_backlog")
+        },
         "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "runs": [],
     }
     moto, endpoint = _spawn([sys.executable, "-c", MOTO])
     procs = [moto]
+    proxy_py = str(ROOT / "tests" / "s3" / "proxy.py")
     try:
         url = "s3://bench/store"
         t = time.perf_counter()
         upload(store, url, endpoint)
         result["upload_s"] = time.perf_counter() - t
-        for delay in DELAYS_MS:
-            proxy_py = str(ROOT / "tests" / "s3" / "proxy.py")
-            proxy, purl = _spawn([sys.executable, proxy_py, endpoint, "--delay-ms", str(delay)])
-            procs.append(proxy)
+        proxy, current = None, None
+        for repeat, delay, tokenized in _orders(delays, args.repeats, args.offset):
+            if (repeat, delay) != current:  # a fresh proxy per (repeat, latency)
+                if proxy is not None:
+                    proxy.kill()
+                    proxy.wait()
+                    procs.remove(proxy)
+                cmd = [proxy_py, endpoint, "--delay-ms", str(delay), "--backlog", str(args.proxy_backlog)]
+                proxy, purl = _spawn([sys.executable, *cmd])
+                procs.append(proxy)
+                current = (repeat, delay)
             env = {**ENV, "AWS_ENDPOINT_URL": purl}
-            for tokenized in (False, True):
-                r = measure(url, tokenized, args, env, [moto.pid, proxy.pid])
-                r.update(source="s3", delay_ms=delay, tokenized=tokenized)
-                result["runs"].append(r)
-                print(json.dumps(r), flush=True)
-            proxy.kill()
-            proxy.wait()
-            procs.remove(proxy)
-        for tokenized in (False, True):
+            load = os.getloadavg()[0]
+            r = measure(url, tokenized, args, env, [moto.pid, proxy.pid])
+            r.update(source="s3", delay_ms=delay, tokenized=tokenized, repeat=repeat, load1_before=load)
+            r["utc"] = time.strftime("%H:%M:%S", time.gmtime())
+            result["runs"].append(r)
+            print(json.dumps(r), flush=True)
+        for tokenized in (False, True) if args.disk else ():
             r = measure(str(store), tokenized, args, {}, [])
-            r.update(source="disk", delay_ms=None, tokenized=tokenized)
+            r.update(source="disk", delay_ms=None, tokenized=tokenized, repeat=args.offset)
+            r["utc"] = time.strftime("%H:%M:%S", time.gmtime())
             result["runs"].append(r)
             print(json.dumps(r), flush=True)
     finally:
@@ -207,26 +264,32 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def markdown(result: dict) -> str:
+def markdown(results: list[dict]) -> str:
+    """One row per measurement (every repeat), then each repeat's rates relative to its own 0 ms pass."""
     lines = [
-        "| source | added latency | stream | cells/s | vs 0 ms | requests | peak / mean in flight | MB fetched | "
-        "loader CPU / wall | moto cores | proxy cores | machine busy cores | first batch |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| repeat | time (UTC) | source | added latency | stream | cells/s | vs 0 ms (same repeat) | requests | "
+        "peak / mean in flight | loader CPU / wall | moto cores | proxy cores | machine busy cores | "
+        "open / first batch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    runs = [r for res in results for r in res["runs"]]
     base = {
-        r["tokenized"]: r["cells_per_s"] for r in result["runs"] if r["source"] == "s3" and r["delay_ms"] == 0
+        (r["repeat"], r["tokenized"]): r["cells_per_s"]
+        for r in runs
+        if r["source"] == "s3" and r["delay_ms"] == 0
     }
-    for r in result["runs"]:
+    for r in sorted(runs, key=lambda r: (r["source"] != "s3", r["repeat"], r.get("utc", ""))):
         kind = "tokenised" if r["tokenized"] else "raw"
         lat = f"{r['delay_ms']} ms" if r["delay_ms"] is not None else "-"
-        rel = f"{r['cells_per_s'] / base[r['tokenized']]:.0%}" if r["source"] == "s3" else "-"
+        b = base.get((r["repeat"], r["tokenized"]))
+        rel = f"{r['cells_per_s'] / b:.0%}" if r["source"] == "s3" and b else "-"
         srv = r["server_cores"] or [None, None]
+        inflight = f"{r['peak_in_flight']} / {r['mean_in_flight']:.1f}" if r["source"] == "s3" else "-"
         lines.append(
-            f"| {r['source']} | {lat} | {kind} | {r['cells_per_s']:,.0f} | {rel} | {r['requests']} | "
-            f"{r['peak_in_flight']} / {r['mean_in_flight']:.1f} | {r['mb_fetched']:.0f} | "
-            f"{r['loader_cpu_s'] / r['wall_s']:.2f} | "
+            f"| {r['repeat']} | {r.get('utc', '')} | {r['source']} | {lat} | {kind} | {r['cells_per_s']:,.0f} | "
+            f"{rel} | {r['requests']} | {inflight} | {r['loader_cpu_s'] / r['wall_s']:.2f} | "
             + (f"{srv[0]:.2f} | {srv[1]:.2f} |" if srv[0] is not None else "- | - |")
-            + f" {r['machine_busy_cores']:.2f} | {r['first_batch_s']:.1f} s |"
+            + f" {r['machine_busy_cores']:.2f} | {r.get('open_s', 0):.1f} / {r['first_batch_s']:.1f} s |"
         )
     return "\n".join(lines)
 
@@ -239,12 +302,17 @@ def main() -> None:
     r = sub.add_parser("run")
     r.add_argument("--cells", type=int, default=20000)
     r.add_argument("--out", type=Path)
+    r.add_argument("--delays", default=",".join(map(str, DELAYS_MS)), help="added ms per request, e.g. 0,50")
+    r.add_argument("--repeats", type=int, default=1, help="passes over every latency, order rotated")
+    r.add_argument("--offset", type=int, default=0, help="number of the first repeat (commands split)")
+    r.add_argument("--proxy-backlog", type=int, default=4096, help="the proxy's accept queue (5: before)")
+    r.add_argument("--no-disk", dest="disk", action="store_false", help="skip the local-disk reference")
     o = sub.add_parser("one")
     o.add_argument("--store", required=True)
     o.add_argument("--tokenized", action="store_true")
     o.add_argument("--server-pids", default="")
     m = sub.add_parser("markdown")
-    m.add_argument("json", type=Path)
+    m.add_argument("json", type=Path, nargs="+")
     for q in (r, o):
         q.add_argument("--batches", type=int, default=120)
         q.add_argument("--warmup", type=int, default=10)
@@ -259,9 +327,9 @@ def main() -> None:
         res = run(args)
         if args.out:
             args.out.write_text(json.dumps(res, indent=1))
-        print(markdown(res))
+        print(markdown([res]))
     else:
-        print(markdown(json.loads(args.json.read_text())))
+        print(markdown([json.loads(f.read_text()) for f in args.json]))
 
 
 if __name__ == "__main__":
