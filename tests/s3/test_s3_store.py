@@ -165,3 +165,40 @@ def test_overwrite_replaces_and_removes_old_objects(store_h5ad: list[Path], s3_b
     (as_path(url) / "notes.txt").write_bytes(b"someone else's")
     with pytest.raises(SclabelError, match="did not write"):
         ingest([str(store_h5ad[1]), "-o", url, "--no-progress", "--overwrite"])
+
+
+def test_concurrent_readers_fetch_each_shard_index_once(
+    store_h5ad: list[Path], s3_bucket: str, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reader threads starting together on cold shard indexes (a stream's first windows) share the fetches."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sclabel_dist.data.stores import location
+
+    from .proxy import FaultyProxy
+
+    url = f"s3://{s3_bucket}/shared-index"
+    ingest([str(store_h5ad[0]), "-o", url, "--no-progress", "--rows-per-shard", "100"])
+    shard_files = [o for o in _objects(url) if f"/{fmt.INDICES}/c" in str(o) or f"/{fmt.DATA}/c" in str(o)]
+    # 50 ms per request: the three readers all look for the indexes before the first one arrives
+    proxy = FaultyProxy(moto_endpoint, delay_s=0.05)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.start())
+    try:
+        store = ZarrCellStore(url)
+        rows = np.arange(store.num_rows)
+        start = threading.Barrier(3)
+
+        def read(_: int):
+            start.wait()
+            return store.read_rows(rows).to_scipy()
+
+        location.reset_stats()
+        with ThreadPoolExecutor(3) as pool:
+            blocks = list(pool.map(read, range(3)))
+        requests = location.stats()["requests"]
+    finally:
+        proxy.stop()
+    assert len(shard_files) >= 12 and all((b != blocks[0]).nnz == 0 for b in blocks)
+    # each shard file: its index fetched once, its byte ranges once per reader (one get_ranges each)
+    assert requests == len(shard_files) * (1 + 3), (requests, len(shard_files))
