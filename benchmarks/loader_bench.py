@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / ".bench"
 VENV312 = BENCH / "venv312"
 BATCH = 256
-METHODS = ("ours_raw", "ours_tokenized", "ours_soma_raw", "tiledbsoma_ml", "annbatch")
+METHODS = ("ours_raw", "ours_tokenized", "ours_soma_raw", "tiledbsoma_ml", "annbatch", "scdataset")
 
 
 def paths(cells: int) -> dict[str, Path]:
@@ -81,7 +81,9 @@ def sh(cmd: list[str], **kw) -> None:
     subprocess.run([str(c) for c in cmd], check=True, **kw)
 
 
-def prepare(cells: int, genes: int, nnz: int, soma: bool, annbatch: bool, preshuffled: bool = False) -> None:
+def prepare(
+    cells: int, genes: int, nnz: int, soma: bool, annbatch: bool, preshuffled: bool = False, h5ad: bool = True
+) -> None:
     """Write the synthetic atlas once per format (same seed: the same cells in every format)."""
     p = paths(cells)
     BENCH.mkdir(exist_ok=True)
@@ -117,12 +119,12 @@ def prepare(cells: int, genes: int, nnz: int, soma: bool, annbatch: bool, preshu
                 "--overwrite",
             ]
         )
+    if (h5ad or annbatch) and not p["h5ad"].exists():  # scDataset reads it (backed), annbatch converts it
+        sh([*synth, "--out", p["h5ad"], "--quiet", "--overwrite"])
     if annbatch:
         if not (VENV312 / "bin" / "python").exists():
             sh([find_python312(), "-m", "venv", VENV312])
             sh([VENV312 / "bin" / "pip", "install", "-q", "annbatch", "zarrs"])
-        if not p["h5ad"].exists():
-            sh([*synth, "--out", p["h5ad"], "--quiet", "--overwrite"])
         if not p["annbatch"].exists():
             helper = Path(__file__).with_name("annbatch_bench.py")
             sh([VENV312 / "bin" / "python", helper, "prepare", p["h5ad"], p["annbatch"]])
@@ -142,8 +144,9 @@ def data_files(method: str, cells: int) -> list[Path]:
         "ours_soma_raw": p["soma"],
         "tiledbsoma_ml": p["soma"],
         "annbatch": p["annbatch"],
+        "scdataset": p["h5ad"],
     }[method]
-    return sorted(f for f in root.rglob("*") if f.is_file())
+    return [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
 
 
 def evict(files: list[Path]) -> None:
@@ -180,11 +183,38 @@ def resident_fraction(files: list[Path]) -> float | None:
 # one method, in this process
 
 
+def _children() -> list[int]:
+    """Pids of this process's live child processes (DataLoader workers: scDataset's reads run there)."""
+    me, out = os.getpid(), []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1]) == me:
+                    out.append(int(d))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def _proc(pid: int) -> tuple[float, int, float]:
+    """(CPU seconds, bytes read from storage, peak RSS MB) of one live process (zeros once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+        hwm = [ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("VmHWM")]
+        return cpu, int(io.get("read_bytes", 0)), int(hwm[0].split()[1]) / 1024 if hwm else 0.0
+    except (OSError, IndexError, ValueError):
+        return 0.0, 0, 0.0
+
+
 def process_stats() -> dict:
-    """CPU seconds, bytes this process fetched from storage (page-cache misses), peak RSS, live threads."""
+    """CPU seconds, bytes fetched from storage (page-cache misses), peak RSS and live threads of this process
+    and its child processes (a loader's worker processes count: their CPU is the method's CPU)."""
     import threading
 
     ru = resource.getrusage(resource.RUSAGE_SELF)
+    done = resource.getrusage(resource.RUSAGE_CHILDREN)  # children already exited and waited for
     io = {}
     try:
         for line in Path("/proc/self/io").read_text().splitlines():
@@ -192,13 +222,16 @@ def process_stats() -> dict:
             io[k] = int(v)
     except OSError:
         pass
+    kids = [_proc(pid) for pid in _children()]
     return {
-        "cpu_user_s": ru.ru_utime,
-        "cpu_sys_s": ru.ru_stime,
-        "storage_read_mb": io.get("read_bytes", 0) / 2**20,
-        "peak_rss_mb": ru.ru_maxrss / 1024,
+        "cpu_user_s": ru.ru_utime + done.ru_utime + sum(k[0] for k in kids),
+        "cpu_sys_s": ru.ru_stime + done.ru_stime,
+        "storage_read_mb": (io.get("read_bytes", 0) + sum(k[1] for k in kids)) / 2**20,
+        # Peak RSS of this process plus the live children's peaks (an upper bound on the peak together).
+        "peak_rss_mb": ru.ru_maxrss / 1024 + sum(k[2] for k in kids),
         "threads": threading.active_count(),
         "os_threads": len(os.listdir("/proc/self/task")),
+        "child_processes": len(kids),
     }
 
 
@@ -318,6 +351,46 @@ def run_soma_ml(soma: Path, args: argparse.Namespace) -> dict:
     return out
 
 
+def run_scdataset(h5ad: Path, args: argparse.Namespace) -> dict:
+    """scDataset over the backed .h5ad as its documentation sets it up for AnnData: BlockShuffling(block_size
+    16), fetch_factor 16 (16 batches fetched at once, in sorted row order, then shuffled), a fetch callback
+    `adata[indices].X`, and a DataLoader with batch_size=None and prefetch_factor = fetch_factor + 1. Its
+    example's 4 workers are capped at this run's reader threads (the machine's cores); its example densifies
+    each fetch, left out here: every method yields sparse CSR rows."""
+    import anndata as ad
+    from scdataset import BlockShuffling, scDataset
+    from torch.utils.data import DataLoader
+
+    fetch_factor = 16
+
+    def fetch(adata, indices):
+        return adata[indices].X
+
+    def make():
+        adata = ad.read_h5ad(h5ad, backed="r")
+        ds = scDataset(
+            adata,
+            BlockShuffling(block_size=16),
+            batch_size=BATCH,
+            fetch_factor=fetch_factor,
+            fetch_callback=fetch,
+            seed=0,
+        )
+        workers = args.threads
+        loader = DataLoader(
+            ds,
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=fetch_factor + 1 if workers else None,
+            persistent_workers=workers > 0,
+        )
+        return epochs(loader)
+
+    out = measure(make, args.warmup, args.batches, args.repeats, lambda b: b.shape[0])
+    out["threads_info"]["dataloader_workers"] = args.threads
+    return out
+
+
 def run_method(method: str, args: argparse.Namespace) -> dict:
     p = paths(args.cells)
     if method == "ours_raw":
@@ -330,6 +403,8 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
         return run_ours(p["soma"], False, args, vocab=str(p["store"] / "vocab.json"))
     if method == "tiledbsoma_ml":
         return run_soma_ml(p["soma"], args)
+    if method == "scdataset":
+        return run_scdataset(p["h5ad"], args)
     raise SystemExit(f"unknown method {method}")
 
 
@@ -414,6 +489,7 @@ def run_pass(method: str, state: str, args: argparse.Namespace) -> dict:
 def run_all(args: argparse.Namespace) -> dict:
     """Every method, each cold (its data evicted from the page cache) then warm, every repeat kept."""
     ours = ("numpy", "numba", "numcodecs", "zarr", "zarrs", "tiledbsoma", "tiledbsoma-ml", "torch", "scipy")
+    ours += ("scdataset", "anndata", "h5py")
     theirs = ("annbatch", "anndata", "zarr", "zarrs", "numpy", "numcodecs", "scipy")
     meta = {
         "time_utc": time.strftime("%F %T", time.gmtime()),
@@ -465,6 +541,8 @@ def ratios(results: dict) -> dict:
         "raw_vs_annbatch": ("ours_raw", "annbatch"),
         "tokenized_vs_annbatch": ("ours_tokenized", "annbatch"),
         "soma_vs_tiledbsoma_ml": ("ours_soma_raw", "tiledbsoma_ml"),
+        "raw_vs_scdataset": ("ours_raw", "scdataset"),
+        "tokenized_vs_scdataset": ("ours_tokenized", "scdataset"),
     }
     out = {}
     for name, (a, b) in pairs.items():
@@ -521,6 +599,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--no-soma", action="store_true")
     ap.add_argument("--no-annbatch", action="store_true")
+    ap.add_argument("--no-scdataset", action="store_true", help="prepare: no .h5ad for scDataset")
     ap.add_argument("--preshuffled", action="store_true", help="prepare: also a store shuffled at write time")
     ap.add_argument("--chunk-size", type=int, default=256)
     ap.add_argument("--shuffle-chunks", type=int, default=32)
@@ -551,7 +630,15 @@ def main() -> None:
     ap.add_argument("files", nargs="*", help="markdown: run JSONs to tabulate")
     args = ap.parse_args()
     if args.command == "prepare":
-        prepare(args.cells, args.genes, args.nnz, not args.no_soma, not args.no_annbatch, args.preshuffled)
+        prepare(
+            args.cells,
+            args.genes,
+            args.nnz,
+            not args.no_soma,
+            not args.no_annbatch,
+            args.preshuffled,
+            not args.no_scdataset,
+        )
     elif args.command == "run":
         run_all(args)
     elif args.command == "markdown":

@@ -14,11 +14,13 @@ handed to the caller (not those read ahead). See partition.py for why these inte
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 
 from sclabel_dist.config import DataConfig, TokenizeConfig
@@ -57,6 +59,32 @@ def _keep_freed_memory() -> None:
         libc.mallopt(-3, _MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, _TRIM_THRESHOLD)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
+        pass
+
+
+_started = threading.Event()  # the process-wide kernel warm-up has been started
+
+
+def start_kernel_warmup() -> None:
+    """Import numba and the kernels and initialise numba's CPU target in a background thread, once per process.
+
+    That is ~0.7 s of one core the first batch would otherwise wait for (importing numba ~0.25 s; its first
+    call of any compiled function loads numba's own registries, scipy.linalg included for its BLAS check,
+    ~0.45 s), started here before the stores open (build_dataset) so that it overlaps them and the first
+    window's read. Much of it is imports (holding the GIL), so it is worth it only before a stream starts."""
+    if _started.is_set():
+        return
+    _started.set()
+    threading.Thread(target=_init_kernels, name="sclabel-kernels", daemon=True).start()
+
+
+def _init_kernels() -> None:
+    try:
+        from sclabel_dist.data.kernels import take_rows
+
+        empty = np.zeros(0, dtype=np.int64)
+        take_rows(np.zeros(1, np.int64), empty.astype(np.uint16), empty.astype(np.uint8), empty)
+    except Exception:  # noqa: BLE001 - a warm-up only: the stream reports its own errors
         pass
 
 
@@ -99,14 +127,33 @@ class StreamingCellDataset:
         # uninterrupted uses them (segment 0 from position 0); anything else drops them.
         self._carry: tuple[int, dict[int, Future], int] | None = None
         self._pin = torch.cuda.is_available()
-        # Import the compiled kernels (numba: ~0.5 s, ~100k objects) now, not in a reader thread while the
-        # stream runs; the full garbage collection the new objects trigger then happens here too.
+        _keep_freed_memory()
+        # The compiled kernels are made ready in threads of their own while the stores open and the first
+        # window is read, instead of before the first read (benchmarks/RESULTS.md, issue 20 session 7).
+        start_kernel_warmup()
+        self._handed_out = threading.Event()  # the first batch has reached the caller
+        self._warm = threading.Thread(target=self._warm_kernels, name="sclabel-warm", daemon=True)
+        self._warm.start()
+
+    def _warm_kernels(self) -> None:
+        """Run the first batch's code on one cell of the first store: loads the cached code of the signatures
+        the stream will call (a batch that needs one meanwhile waits on numba's compile lock and then finds it
+        loaded). Then, once the first batch is out, one full garbage collection (~0.1 s holding the GIL), here
+        rather than at a random point mid-stream in every thread: importing numba made ~100k objects. Failures
+        are left to the stream to report."""
         import gc
 
-        import sclabel_dist.data.kernels  # noqa: F401
+        try:
+            import sclabel_dist.data.kernels  # noqa: F401
 
+            if self.corpus.total_rows:
+                first = next(s for s, n in enumerate(self.corpus.num_rows) if n)
+                block, order = self.corpus.read(np.array([first]), np.zeros(1, dtype=np.int64))
+                self._batch_from(block, order, np.random.default_rng(0))
+        except Exception:  # noqa: BLE001 - only a warm-up: the stream reports its own errors
+            pass
+        self._handed_out.wait(timeout=30)
         gc.collect()
-        _keep_freed_memory()
 
     # -- plans -----------------------------------------------------------------------------------------
 
@@ -262,6 +309,7 @@ class StreamingCellDataset:
                     self._consumed += bsz  # counted when handed over: read-ahead is not consumption
                 if following and b_next >= plan.num_batches and not pending:
                     self._carry = (epoch + 1, following[1], following[2])  # set before the last hand-over
+                self._handed_out.set()
                 yield batch
         finally:
             # A consumer that stops early (validation reads only its first batches) leaves reads queued:
@@ -285,15 +333,18 @@ class StreamingCellDataset:
             lo, hi = max(p0 - w_start, 0), min(p1 - w_start, len(order))
             if hi > lo:
                 pieces.append((block, order[lo:hi]))
-        rows = None
-        if not self.raw and len(pieces) == 1:
-            # The usual case, a batch inside one window: the tokeniser reads its rows in place.
-            block, rows = pieces[0]
-        else:
-            block = CSRBlock.concat([b.take(r) for b, r in pieces], self.corpus.num_genes)
+        rng = None if self.raw else shuffle.token_rng(self.seed, epoch, segment, self.rank, index)
+        if len(pieces) == 1:
+            return self._batch_from(*pieces[0], rng)
+        return self._batch_from(
+            CSRBlock.concat([b.take(r) for b, r in pieces], self.corpus.num_genes), None, rng
+        )
+
+    def _batch_from(self, block: CSRBlock, rows: np.ndarray | None, rng: Any) -> CellBatch | CSRBlock:
+        """The batch of `block`'s `rows` (all of them when None), tokenised unless raw."""
         if self.raw:
-            return block
-        rng = shuffle.token_rng(self.seed, epoch, segment, self.rank, index)
+            return block if rows is None else block.take(rows)
+        # A batch inside one window (the usual case): the tokeniser reads its rows in place.
         batch = tokenize_block(
             block.indptr,
             block.indices,
@@ -309,6 +360,8 @@ class StreamingCellDataset:
 
     def close(self) -> None:
         """Stop the reader threads and close the stores."""
+        self._handed_out.set()
+        self._warm.join()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
@@ -326,6 +379,7 @@ def build_dataset(
     raw: bool = False,
 ) -> StreamingCellDataset:
     """Open the corpus of `split` and return this rank's stream (raw=True: CSRBlock batches, no tokenising)."""
+    start_kernel_warmup()  # while the stores open
     corpus = build_corpus(data, split=split, seed=seed)
     return StreamingCellDataset(
         corpus, data, tokenize, rank=rank, world_size=world_size, seed=seed, split=split, raw=raw

@@ -174,3 +174,57 @@ def test_take_rows_kernel(dtype):
         src = np.concatenate([np.arange(indptr[r], indptr[r + 1]) for r in rows] + [np.zeros(0, np.int64)])
         np.testing.assert_array_equal(ix, indices[src])
         np.testing.assert_array_equal(dt, data[src])
+
+
+def test_read_whole_equals_zarr_for_the_writers_small_arrays(tmp_path):
+    """indptr's layout (one chunk, bytes -> zstd -> crc32c) is read without zarr; anything else is left to it."""
+    import zarr
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    from sclabel_dist.data.stores.sharded import read_whole
+
+    values = np.cumsum(np.random.default_rng(0).integers(0, 3000, 5001)).astype(np.uint64)
+    for name, chunks, compressors in (
+        ("indptr", (5001,), (ZstdCodec(), Crc32cCodec())),
+        ("two_chunks", (2600,), (ZstdCodec(), Crc32cCodec())),
+        ("no_crc", (5001,), (ZstdCodec(),)),
+    ):
+        arr = zarr.create_array(
+            str(tmp_path / name),
+            shape=values.shape,
+            chunks=chunks,
+            dtype=values.dtype,
+            compressors=compressors,
+        )
+        arr[:] = values
+    np.testing.assert_array_equal(read_whole(tmp_path / "indptr"), values)
+    assert read_whole(tmp_path / "two_chunks") is None and read_whole(tmp_path / "no_crc") is None
+    assert read_whole(tmp_path / "missing") is None
+    _array(tmp_path / "sharded", np.arange(300, dtype=np.uint16))
+    assert read_whole(tmp_path / "sharded") is None
+    file = tmp_path / "indptr" / "c" / "0"
+    raw = bytearray(file.read_bytes())
+    raw[len(raw) // 2] ^= 0x04
+    file.write_bytes(bytes(raw))
+    with pytest.raises(SclabelError, match=r"indptr/c/0: fails its crc32c check"):
+        read_whole(tmp_path / "indptr")
+
+
+def test_a_local_store_opens_and_reads_without_importing_zarr(store_a):
+    """Opening a store in the writer's layout costs plain file reads only: importing zarr alone took ~0.2 s of
+    the time to the first batch (benchmarks/RESULTS.md, issue 20 session 7)."""
+    import os
+    import subprocess
+    import sys
+
+    path, m = store_a
+    code = (
+        "import sys, numpy as np\n"
+        "from sclabel_dist.data.stores import open_store\n"
+        f"s = open_store({str(path)!r})\n"
+        "b = s.read_rows(np.arange(0, s.num_rows, 3))\n"
+        "print(b.nnz, 'zarr' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(m[::3].nnz), "False"]

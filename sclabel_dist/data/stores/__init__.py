@@ -20,7 +20,7 @@ def open_store(uri: str, *, vocab: GeneVocab | None = None, **kwargs: Any) -> Ce
     if (as_path(uri) / fmt.INDEX_FILE).is_file():
         from sclabel_dist.data.stores.zarr_store import ZarrCellStore
 
-        return ZarrCellStore(uri, **kwargs)
+        return ZarrCellStore(uri, vocab=vocab, **kwargs)
     if (Path(uri) / "__tiledb_group.tdb").exists() or (Path(uri) / "ms").exists() or "://" in uri:
         from sclabel_dist.data.stores.soma_store import SomaCellStore
 

@@ -23,7 +23,13 @@ import numpy as np
 from sclabel_dist.data import format as fmt
 from sclabel_dist.data.stores.base import CSRBlock, checked_rows, lognorm_flags, runs
 from sclabel_dist.data.stores.location import as_path, is_remote
-from sclabel_dist.data.stores.sharded import ShardedArray, fetch_remote, has_chunk_checksums, open_sharded
+from sclabel_dist.data.stores.sharded import (
+    ShardedArray,
+    fetch_remote,
+    has_chunk_checksums,
+    open_sharded,
+    read_whole,
+)
 from sclabel_dist.data.stores.verify import verify_shards
 from sclabel_dist.errors import SclabelError
 from sclabel_dist.vocab import GeneVocab
@@ -43,14 +49,24 @@ def use_zarrs_pipeline() -> bool:
 class ZarrCellStore:
     """A cell store directory opened read-only: indptr of every shard in RAM, indices/data read on demand."""
 
-    def __init__(self, uri: str | Path, *, zarrs: bool = True, direct: bool = True):
+    def __init__(
+        self, uri: str | Path, *, zarrs: bool = True, direct: bool = True, vocab: GeneVocab | None = None
+    ):
+        """vocab: the run's vocabulary, used as this store's when its hash is the one index.json records
+        (parsing vocab.json again costs ~0.1 s of a 20,000-gene vocabulary at every open)."""
         self.uri = str(uri)
         self.root = as_path(uri)
         self.remote = is_remote(self.root)
-        if zarrs and not self.remote:  # zarrs cannot read through obstore (format.zarr_pipeline)
-            use_zarrs_pipeline()
+        # zarrs cannot read through obstore (format.zarr_pipeline); switched on by the first local array that
+        # is read through zarr (the writer's layout is read without zarr: importing it alone takes ~0.2 s).
+        self._zarrs = zarrs and not self.remote
         self.index = fmt.read_index(self.root)
-        self.vocab = GeneVocab.from_json(self.root / fmt.VOCAB_FILE, self.index.vocab_hash, fmt.INDEX_FILE)
+        if vocab is not None and vocab.hash == self.index.vocab_hash:
+            self.vocab = vocab
+        else:
+            self.vocab = GeneVocab.from_json(
+                self.root / fmt.VOCAB_FILE, self.index.vocab_hash, fmt.INDEX_FILE
+            )
         self.num_rows = self.index.num_rows
         self._offsets = self.index.row_offsets()
         # Each shard's opening is a few small reads: in object storage each is a round trip, so they overlap.
@@ -71,18 +87,32 @@ class ZarrCellStore:
     def _open_shard(self, shard: fmt.ShardEntry, direct: bool) -> tuple[bool, np.ndarray, tuple[Any, Any]]:
         """(written without per-chunk crc32c, indptr, (indices, data) readers) of one shard."""
         where = self.root / shard.path
+        fast = [open_sharded(where / name) for name in (fmt.INDICES, fmt.DATA)]
+        if not self.remote and direct and fast[0] is not None and fast[1] is not None:
+            # The writer's layout on local disk: no zarr at all (plain file reads; opening the store's shards
+            # through zarr took most of the ~0.5 s before the first batch, benchmarks/RESULTS.md issue 20).
+            whole = read_whole(where / fmt.INDPTR)
+            if whole is not None:
+                indptr = whole.astype(np.int64)
+                self._check_indptr(indptr, shard, where)
+                return not (fast[0].checked and fast[1].checked), indptr, (fast[0], fast[1])
+        if self._zarrs:
+            use_zarrs_pipeline()
         legacy = not all(has_chunk_checksums(where / n) for n in (fmt.INDICES, fmt.DATA))
         # indptr is checked here, once (crc32c by zarr, then its shape against the index), because a
         # wrong indptr would silently shift every row read through it.
         indptr, indices, data = fmt.open_shard_arrays(self.root, shard)
+        self._check_indptr(indptr, shard, where)
+        if direct and all(a is not None for a in fast):
+            return legacy, indptr, (fast[0], fast[1])
+        return legacy, indptr, (indices, data)
+
+    @staticmethod
+    def _check_indptr(indptr: np.ndarray, shard: fmt.ShardEntry, where: Any) -> None:
         if len(indptr) != shard.num_rows + 1 or indptr[0] != 0 or indptr[-1] != shard.nnz:
             raise SclabelError(f"{where}: indptr disagrees with index.json (damaged shard)")
         if np.any(indptr[1:] < indptr[:-1]):
             raise SclabelError(f"{where}: indptr not monotone (damaged shard)")
-        fast = [open_sharded(where / name) for name in (fmt.INDICES, fmt.DATA)]
-        if direct and all(a is not None for a in fast):
-            return legacy, indptr, (fast[0], fast[1])
-        return legacy, indptr, (indices, data)
 
     @property
     def num_genes(self) -> int:
