@@ -71,6 +71,12 @@ class DataConfig:
     read_threads: int = doc(2, "background reader threads")
     read_ahead: int = doc(4, "blocks read ahead per thread (bounds memory)")
     drop_last: bool = doc(True, "drop the ragged last batch so every rank gets equal batches")
+    elastic: bool = doc(
+        False,
+        "world-size-invariant order: each optimizer step trains on the same cells, masks and loss on any number "
+        "of ranks, so a resume at another world size continues the exact run (each rank reads a slice of "
+        "every shuffle window: less I/O locality)",
+    )
     vocab: str = doc(
         "", "vocab.json of the run ('' = the first Zarr store's); needed when all stores are SOMA"
     )

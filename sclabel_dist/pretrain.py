@@ -63,7 +63,13 @@ def main(argv: list[str] | None = None, after_step: Callable[[int], None] | None
     def dataset(split: str):
         tok = cfg.tokenize if split == "train" else val_tokenize
         return build_dataset(
-            cfg.data, tok, rank=env.rank, world_size=env.world_size, seed=tc.seed, split=split
+            cfg.data,
+            tok,
+            rank=env.rank,
+            world_size=env.world_size,
+            seed=tc.seed,
+            split=split,
+            grad_accum=tc.grad_accum,
         )
 
     train_data = dataset("train")
@@ -111,6 +117,13 @@ def main(argv: list[str] | None = None, after_step: Callable[[int], None] | None
             f"{where} at step {step}" + (f" ({resume_s:.2f}s to load)" if resume_from else ""),
             flush=True,
         )
+        if cfg.data.elastic and model_args.contrastive > 0:
+            print(
+                "pretrain: data.elastic keeps each step's cells, masks and MLM loss on any world size; the "
+                f"contrastive term (model.contrastive={model_args.contrastive}) takes its negatives from the "
+                "micro-batch, so it changes with the split (model.contrastive=0 for an exactly repeatable run)",
+                flush=True,
+            )
 
     # -- the loop ---------------------------------------------------------------------------------------------
     batches = iter(train_data)
@@ -119,15 +132,16 @@ def main(argv: list[str] | None = None, after_step: Callable[[int], None] | None
     engine.train()
     while step < tc.max_steps:
         loss_sum = torch.zeros(2, device=device)  # stays on the device: no GPU sync until a log step
-        for _ in range(tc.grad_accum):  # DeepSpeed steps the optimizer only on the accumulation boundary
-            t0 = time.perf_counter()
-            host_batch = next(batches)
-            timer.data_wait += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        host_batches = [next(batches) for _ in range(tc.grad_accum)]  # the step's micro-batches (host)
+        timer.data_wait += time.perf_counter() - t0
+        denominator = step_denominator(host_batches, env.world_size, device) if cfg.data.elastic else None
+        for host_batch in host_batches:  # DeepSpeed steps the optimizer only on the accumulation boundary
             timer.cells += host_batch.num_cells
             timer.tokens += host_batch.num_tokens  # counted on the host for the same reason
             batch = host_batch.to(device, non_blocking=True)
             out = engine(batch.gene_ids, batch.values, batch.attention_mask, batch.masked, bag=batch.bag)
-            loss, acc = mlm_loss(out, batch, model_args.contrastive)
+            loss, acc = mlm_loss(out, batch, model_args.contrastive, denominator)
             engine.backward(loss)
             engine.step()
             loss_sum += torch.stack([loss.detach().float(), acc.float()])
@@ -217,6 +231,22 @@ def keep_global_batch(cfg: PretrainConfig, saved: dict, env) -> None:
             f"{cfg.data.batch_size} cells x {cfg.train.grad_accum} micro-batches x {env.world_size} ranks",
             flush=True,
         )
+
+
+def step_denominator(host_batches: list, world_size: int, device: str) -> float:
+    """data.elastic: the per-micro-batch loss denominator that makes a step's loss the mean over ALL its
+    masked tokens (every rank, every micro-batch), however the step is split.
+
+    DeepSpeed averages the micro-batch losses' gradients over micro-batches and ranks (divides by
+    grad_accum x world), so each micro-batch divides its summed token loss by masked_total / (grad_accum x
+    world). One all-reduce of one number per step; the micro-batches' own means would weigh a token by how
+    many masked tokens happen to share its micro-batch, which depends on the split."""
+    count = torch.tensor(
+        [float(sum(int(b.masked.sum()) for b in host_batches))], dtype=torch.float64, device=device
+    )
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(count)
+    return max(float(count.item()), 1.0) / (len(host_batches) * world_size)
 
 
 def validate(engine, val_data, num_batches: int, device: str) -> dict[str, float]:

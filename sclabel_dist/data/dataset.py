@@ -8,8 +8,11 @@ at the boundary), batch assembly + tokenisation a few batches ahead, so memory i
 The pool's FIFO order guarantees a batch job only waits on reads submitted before it, so the pool never
 deadlocks on itself.
 
-State: {seed, epoch, samples_seen, world_size, history, epoch_samples}; samples_seen counts the batches
-handed to the caller (not those read ahead). See partition.py for why these integers reproduce the stream.
+State: {seed, epoch, samples_seen, world_size, history, epoch_samples, elastic}; samples_seen counts the
+batches handed to the caller (not those read ahead). See partition.py for why these integers reproduce the
+stream. data.elastic=true streams the world-size-invariant order instead (partition.plan_slices): every rank
+takes its slice of each optimizer step's global batch, which needs `grad_accum`, and each cell's mask is keyed
+by its epoch position, so a resume at any world size replays the same steps.
 """
 
 from __future__ import annotations
@@ -102,6 +105,7 @@ class StreamingCellDataset:
         seed: int,
         split: str = "train",
         raw: bool = False,
+        grad_accum: int = 1,
     ):
         if not 0 <= rank < world_size:
             raise SclabelError(f"rank {rank} outside world size {world_size}")
@@ -115,6 +119,8 @@ class StreamingCellDataset:
         self.split = split
         self.raw = raw
         self.train = split == "train"
+        self.grad_accum = grad_accum  # micro-batches per optimizer step: the slices of data.elastic
+        self.elastic = data.elastic and self.train
         self.vocab = corpus.stores[0].vocab if corpus.stores else None
         self.value_kinds = sorted({k for s in corpus.stores for _, _, k in s.value_kinds()})
         self._epoch = 0
@@ -164,7 +170,16 @@ class StreamingCellDataset:
             self.corpus.chunks, seed=self.seed, epoch=epoch, weights=self.data.weights or None
         )
 
-    def _plan(self, units: partition.Units) -> partition.RankPlan:
+    def _plan(self, units: partition.Units) -> partition.RankPlan | partition.SlicePlan:
+        if self.elastic:
+            return partition.plan_slices(
+                units,
+                rank=self.rank,
+                world=self.world_size,
+                batch_size=self.data.batch_size,
+                grad_accum=self.grad_accum,
+                window_units=self.data.shuffle_chunks,
+            )
         return partition.plan_rank(
             units,
             rank=self.rank,
@@ -197,6 +212,7 @@ class StreamingCellDataset:
             "world_size": self.world_size,
             "history": [list(h) for h in self._history],
             "epoch_samples": self._epoch_units(self._epoch).num_rows,
+            "elastic": self.elastic,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -218,6 +234,21 @@ class StreamingCellDataset:
         current = seen - sum(s for _, s in history)
         if current % world:
             raise SclabelError(f"loader state: {current} samples do not split over {world} ranks")
+        if bool(state.get("elastic", False)) != self.elastic and seen > 0:
+            raise SclabelError(
+                f"loader state: the checkpoint streamed epoch {epoch} with data.elastic="
+                f"{str(bool(state.get('elastic', False))).lower()}; resume it with the same setting"
+            )
+        if self.elastic:
+            # One global stream for any world size: each rank continues at its slice of the same global step.
+            step_cells = self.data.batch_size * self.grad_accum * self.world_size
+            if current % step_cells:
+                raise SclabelError(
+                    f"loader state: {current} samples are not whole steps of {step_cells} cells; the global "
+                    "batch changed since the checkpoint"
+                )
+            self._history, self._consumed, self._carry = [], current // self.world_size, None
+            return
         if world != self.world_size and current > 0:
             # Close the old world's segment; the new world gets what remains of the epoch.
             history.append([world, current])
@@ -301,7 +332,8 @@ class StreamingCellDataset:
                     parts = [
                         (windows[w], int(plan.window_starts[w])) for w in range(first, last + 1) if p1 > p0
                     ]
-                    pending.append(pool.submit(self._make_batch, parts, p0, p1, epoch, segment, b_next))
+                    keys = plan.global_positions(p0, p1) if isinstance(plan, partition.SlicePlan) else None
+                    pending.append(pool.submit(self._make_batch, parts, p0, p1, epoch, segment, b_next, keys))
                     submit_reads(max(last, first + max_windows - 1))
                     b_next += 1
                 batch = pending.popleft().result()
@@ -324,27 +356,44 @@ class StreamingCellDataset:
         return self.corpus.read(store, pos)
 
     def _make_batch(
-        self, parts: list[tuple[Future, int]], p0: int, p1: int, epoch: int, segment: int, index: int
+        self,
+        parts: list[tuple[Future, int]],
+        p0: int,
+        p1: int,
+        epoch: int,
+        segment: int,
+        index: int,
+        keys: np.ndarray | None = None,
     ) -> CellBatch | CSRBlock:
-        """Rows [p0, p1) of the stream from the windows covering them, tokenised unless raw."""
+        """Rows [p0, p1) of the stream from the windows covering them, tokenised unless raw.
+
+        keys: the cells' global epoch positions (data.elastic): masks drawn per cell, not per batch."""
         pieces = []
         for fut, w_start in parts:
             block, order = fut.result()
             lo, hi = max(p0 - w_start, 0), min(p1 - w_start, len(order))
             if hi > lo:
                 pieces.append((block, order[lo:hi]))
-        rng = None if self.raw else shuffle.token_rng(self.seed, epoch, segment, self.rank, index)
+        if self.raw:
+            rng = None
+        elif keys is None:
+            rng = shuffle.token_rng(self.seed, epoch, segment, self.rank, index)
+        else:
+            rng = shuffle.cell_token_rng(self.seed, epoch)
         if len(pieces) == 1:
-            return self._batch_from(*pieces[0], rng)
+            return self._batch_from(*pieces[0], rng, keys)
         return self._batch_from(
-            CSRBlock.concat([b.take(r) for b, r in pieces], self.corpus.num_genes), None, rng
+            CSRBlock.concat([b.take(r) for b, r in pieces], self.corpus.num_genes), None, rng, keys
         )
 
-    def _batch_from(self, block: CSRBlock, rows: np.ndarray | None, rng: Any) -> CellBatch | CSRBlock:
-        """The batch of `block`'s `rows` (all of them when None), tokenised unless raw."""
+    def _batch_from(
+        self, block: CSRBlock, rows: np.ndarray | None, rng: Any, keys: np.ndarray | None = None
+    ) -> CellBatch | CSRBlock:
+        """The batch of `block`'s `rows` (all of them when None), tokenised unless raw.
+
+        A batch inside one window (the usual case) is tokenised from its rows in place."""
         if self.raw:
             return block if rows is None else block.take(rows)
-        # A batch inside one window (the usual case): the tokeniser reads its rows in place.
         batch = tokenize_block(
             block.indptr,
             block.indices,
@@ -355,6 +404,7 @@ class StreamingCellDataset:
             mask=True,
             rng=rng,
             rows=rows,
+            cell_keys=keys,
         )
         return batch.pin_memory() if self._pin else batch
 
@@ -377,10 +427,19 @@ def build_dataset(
     seed: int,
     split: str = "train",
     raw: bool = False,
+    grad_accum: int = 1,
 ) -> StreamingCellDataset:
     """Open the corpus of `split` and return this rank's stream (raw=True: CSRBlock batches, no tokenising)."""
     start_kernel_warmup()  # while the stores open
     corpus = build_corpus(data, split=split, seed=seed)
     return StreamingCellDataset(
-        corpus, data, tokenize, rank=rank, world_size=world_size, seed=seed, split=split, raw=raw
+        corpus,
+        data,
+        tokenize,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        split=split,
+        raw=raw,
+        grad_accum=grad_accum,
     )

@@ -8,7 +8,8 @@ Why compiled: the numpy path makes ~20 passes over every non-zero (packing, sort
 memory bound at ~10k cells/s per core; here each cell is handled in cache in O(nnz) (a counting sort for
 integer values, partial Fisher-Yates for the random subset and the mask), ~10x faster, GIL released so the
 loader's threads run it in parallel. Randomness: two 64-bit seeds drawn from the caller's numpy Generator
-start a splitmix64 stream per cell, so the output is a pure function of (block, cfg, rng state).
+start a splitmix64 stream per cell, so the output is a pure function of (block, cfg, rng state); with
+`cell_keys` each cell's streams come from (those seeds, its key) alone, not from its place in the batch.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def _kernel(
             keep[:n] = not flag
             for t in range(n):
                 idx[t] = t
-            state = seeds[0] + np.uint64(i) * _GOLDEN
+            state = seeds[i, 0]
             for t in range(pick):
                 state, bits = _next(state)
                 q = t + _below(bits, n - t)
@@ -212,7 +213,7 @@ def _kernel(
         if m > 0:
             for t in range(nk):
                 idx[t] = t + 1
-            state = seeds[1] + np.uint64(i) * _GOLDEN
+            state = seeds[i, 1]
             for t in range(m):
                 state, bits = _next(state)
                 q = t + _below(bits, nk - t)
@@ -245,12 +246,15 @@ def numba_tokens(
     *,
     rows: np.ndarray | None = None,
     bag: bool = False,
+    cell_keys: np.ndarray | None = None,
 ) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...] | None]:
     """((gene_ids, inputs, attention, masked, targets), (bag ids, offsets, weights) or None) of rows `rows`
     of a CSR block (default: all, in order), in one pass per cell that reads the rows where they lie.
 
     The same arrays as numba_arrays, then numba_gene_bag, on take_rows(..., rows) (the tests check that), so
     a batch needs no gathered copy of its rows and no second pass for the bag. `lognorm` is per block row.
+    cell_keys: int [n], one per output row: its gene subset and mask then depend on (rng, key) only, so a
+    cell draws the same mask in any batch (the world-size-invariant order keys cells by epoch position).
     """
     from sclabel_dist.data.masking import num_masked
 
@@ -279,6 +283,7 @@ def numba_tokens(
         rng = np.random.default_rng()
     # Two 64-bit seeds (subset, mask) from the caller's Generator: the output is a function of its state.
     seeds = rng.integers(0, 1 << 63, size=2, dtype=np.uint64) if rng is not None else np.zeros(2, np.uint64)
+    seeds = cell_seeds(seeds, n, cell_keys)
     # np.empty: the kernel writes every element (zeroing them first cost a pass over ~6 MB per batch).
     gene_ids = np.empty((n, length), dtype=np.int64)
     targets = np.empty((n, length), dtype=vdtype)
@@ -315,6 +320,24 @@ def numba_tokens(
     )
     arrays = (gene_ids, inputs, attention, masked, targets)
     return arrays, ((ids, offsets[:-1], weights) if bag else None)
+
+
+def cell_seeds(seeds: np.ndarray, n: int, cell_keys: np.ndarray | None) -> np.ndarray:
+    """uint64 [n, 2]: the start states of each cell's two splitmix64 streams (subset, mask).
+
+    Without keys cell i starts at seed + i * golden (the batch order decides). With keys the start is a
+    splitmix64 hash of seed + key * golden, so no two keyed cells start on the same stream."""
+    if cell_keys is None:
+        steps = np.arange(n, dtype=np.uint64)
+    else:
+        steps = np.asarray(cell_keys, dtype=np.int64).astype(np.uint64)
+        assert len(steps) == n, "one key per cell"
+    z = seeds[None, :].astype(np.uint64) + steps[:, None] * _GOLDEN  # wraps mod 2**64, as in the kernel
+    if cell_keys is None:
+        return np.ascontiguousarray(z)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return np.ascontiguousarray(z ^ (z >> np.uint64(31)))
 
 
 def numba_arrays(

@@ -12,6 +12,16 @@ positions of its stream: a pure function of (units, W, c, seeds). Resuming at th
 position c: the exact batches an uninterrupted run gives. Resuming at another W' turns what is left (the rest
 of each rank's current window, every untouched unit, and the tails drop_last would have dropped) into the units
 of a new segment split over W' ranks: nothing repeated, nothing skipped.
+
+World-size-invariant order (data.elastic, `plan_slices`). The rank-local order above is fast (each rank reads
+whole chunks) but after a world change each step sees other cells than the uninterrupted run. The
+invariant order makes the epoch ONE global stream, independent of W: the units in windows of
+`window_units`, each window's rows in a permutation drawn from (seed, epoch, window). Optimizer step s
+consumes global positions [s*G, (s+1)*G) with G = cells per step (kept across world sizes); rank r takes
+the slice [s*G + r*G/W, s*G + (r+1)*G/W), in micro-batches of G/(W*grad_accum). So the cells of a step are
+the same set on any number of ranks, and with per-cell masks (keyed by global position) and a loss
+normalised over the step (pretrain.py) so is the step's gradient. Resuming needs only the global position,
+at any W. The cost: every rank reads a 1/W slice of every window's chunks (less I/O locality).
 """
 
 from __future__ import annotations
@@ -139,9 +149,18 @@ def plan_rank(
 
 
 def window_rows(
-    plan: RankPlan, w: int, *, seed: int, epoch: int, segment: int, rank: int, shuffle_: bool = True
+    plan: RankPlan | SlicePlan,
+    w: int,
+    *,
+    seed: int,
+    epoch: int,
+    segment: int,
+    rank: int,
+    shuffle_: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(store, position) of window w's rows in delivery order (the shuffle buffer's permutation)."""
+    if isinstance(plan, SlicePlan):
+        return slice_rows(plan, w, seed=seed, epoch=epoch, shuffle_=shuffle_)
     store, pos = plan.window(w).rows()
     if shuffle_:
         perm = shuffle.window_permutation(
@@ -149,6 +168,78 @@ def window_rows(
         )
         store, pos = store[perm], pos[perm]
     return store, pos
+
+
+@dataclass(frozen=True)
+class SlicePlan:
+    """One rank's stream in the world-size-invariant order: its slice of every step of the global stream.
+
+    The same interface as RankPlan for the loader (window_starts, window_of, num_samples, num_batches):
+    window w of this rank = its positions inside global window w (possibly none)."""
+
+    units: Units  # the epoch's units in global order
+    global_starts: np.ndarray  # int64 [num_windows + 1]: global stream position where each window starts
+    window_starts: np.ndarray  # int64 [num_windows + 1]: this rank's stream position at each window start
+    window_units: int
+    rank: int
+    per_rank: int  # cells this rank takes per optimizer step (G / W)
+    world: int
+    num_samples: int
+    num_batches: int
+
+    @property
+    def num_windows(self) -> int:
+        return len(self.window_starts) - 1
+
+    def window_of(self, position: int) -> int:
+        """The window holding stream position `position` (empty windows are skipped over)."""
+        return int(np.searchsorted(self.window_starts, position, side="right")) - 1
+
+    def global_positions(self, lo: int, hi: int) -> np.ndarray:
+        """Global stream positions of this rank's stream positions [lo, hi) (int64, ascending)."""
+        c = np.arange(lo, hi, dtype=np.int64)
+        step, off = np.divmod(c, self.per_rank)
+        return step * (self.per_rank * self.world) + self.rank * self.per_rank + off
+
+
+def _rank_positions_before(g: np.ndarray, *, rank: int, per_rank: int, world: int) -> np.ndarray:
+    """How many of a rank's stream positions map to global positions below g."""
+    full, rem = np.divmod(np.asarray(g, dtype=np.int64), per_rank * world)
+    return full * per_rank + np.clip(rem - rank * per_rank, 0, per_rank)
+
+
+def plan_slices(
+    units: Units, *, rank: int, world: int, batch_size: int, grad_accum: int, window_units: int
+) -> SlicePlan:
+    """Rank `rank`'s slices of the epoch's global stream (module docstring): whole steps of
+    G = batch_size * grad_accum * world cells only (the tail of fewer than G cells waits for no one: it is
+    dropped, as drop_last does, and the next epoch's permutation shows those cells elsewhere)."""
+    assert 0 <= rank < world and batch_size > 0 and grad_accum > 0 and window_units > 0
+    per_rank = batch_size * grad_accum
+    steps = units.num_rows // (per_rank * world)
+    sizes = units.sizes
+    win_rows = np.add.reduceat(sizes, np.arange(0, len(sizes), window_units)) if len(sizes) else sizes
+    global_starts = np.concatenate([[0], np.cumsum(win_rows)]).astype(np.int64)
+    num_samples = steps * per_rank
+    local = np.minimum(
+        _rank_positions_before(global_starts, rank=rank, per_rank=per_rank, world=world), num_samples
+    )
+    return SlicePlan(
+        units, global_starts, local, window_units, rank, per_rank, world, num_samples, steps * grad_accum
+    )
+
+
+def slice_rows(
+    plan: SlicePlan, w: int, *, seed: int, epoch: int, shuffle_: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """(store, position) of this rank's rows of global window w, in its stream order."""
+    lo = w * plan.window_units
+    store, pos = plan.units.take(np.arange(lo, min(lo + plan.window_units, len(plan.units)))).rows()
+    mine = plan.global_positions(int(plan.window_starts[w]), int(plan.window_starts[w + 1]))
+    at = mine - plan.global_starts[w]
+    if shuffle_:
+        at = shuffle.step_window_permutation(len(pos), seed=seed, epoch=epoch, window=w)[at]
+    return store[at], pos[at]
 
 
 def _runs(store: np.ndarray, pos: np.ndarray) -> Units:

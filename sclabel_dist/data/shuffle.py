@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 # Stream tags keep the random streams of different purposes independent for the same (seed, epoch).
-_ORDER, _MIX, _VAL, _WINDOW, _TOKENS = 1, 2, 3, 4, 5
+_ORDER, _MIX, _VAL, _WINDOW, _TOKENS, _STEP_WINDOW, _CELL_TOKENS = 1, 2, 3, 4, 5, 6, 7
 
 
 def rng_for(*keys: int) -> np.random.Generator:
@@ -22,6 +22,12 @@ def rng_for(*keys: int) -> np.random.Generator:
 def token_rng(seed: int, epoch: int, segment: int, rank: int, batch: int) -> np.random.Generator:
     """The Generator for gene subsets and masks of one batch: a function of its place in the run only."""
     return rng_for(seed, _TOKENS, epoch, segment, rank, batch)
+
+
+def cell_token_rng(seed: int, epoch: int) -> np.random.Generator:
+    """The Generator whose two seeds, with each cell's epoch position as key, draw its gene subset and mask
+    in the world-size-invariant order: the same for a cell on any rank, in any batch."""
+    return rng_for(seed, _CELL_TOKENS, epoch)
 
 
 def mix_chunks(
@@ -69,3 +75,8 @@ def window_permutation(
 ) -> np.ndarray:
     """The shuffle-buffer order of one window: stream position q of the window delivers window row perm[q]."""
     return rng_for(seed, _WINDOW, epoch, segment, rank, window).permutation(size)
+
+
+def step_window_permutation(size: int, *, seed: int, epoch: int, window: int) -> np.ndarray:
+    """The order of one window of the world-size-invariant stream (no rank, no segment: the same for any W)."""
+    return rng_for(seed, _STEP_WINDOW, epoch, window).permutation(size)

@@ -41,11 +41,13 @@ def tokenize_block(
     rng: np.random.Generator | None,
     labels: np.ndarray | None = None,
     rows: np.ndarray | None = None,
+    cell_keys: np.ndarray | None = None,
 ) -> CellBatch:
     """A CSR block (gene-index space; `lognorm` bool per row) -> CellBatch (module docstring for the rules).
 
     rows: tokenise these rows of the block in this order (default: every row), read where they lie; the
     same batch as tokenising the gathered rows, without the gathered copy.
+    cell_keys: one integer per output cell; its random subset and mask then depend on (rng, key) only.
     """
     indptr = np.asarray(indptr, dtype=np.int64)
     n = len(indptr) - 1
@@ -54,7 +56,17 @@ def tokenize_block(
     from sclabel_dist.data import kernels  # numba: compiled on first use, cached on disk
 
     arrays, bag_arrays = kernels.numba_tokens(
-        indptr, indices, data, lognorm, cfg, how, mask, rng, rows=rows, bag=cfg.gene_bag
+        indptr,
+        indices,
+        data,
+        lognorm,
+        cfg,
+        how,
+        mask,
+        rng,
+        rows=rows,
+        bag=cfg.gene_bag,
+        **({} if cell_keys is None else {"cell_keys": cell_keys}),  # (the tests' numpy oracle has no keys)
     )
     gene_ids, inputs, attention, masked, targets = arrays
     bag = {}

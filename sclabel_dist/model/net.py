@@ -238,7 +238,9 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.normal_(m.weight, std=0.02)
 
 
-def mlm_loss(output: ModelOutput, batch, contrastive: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def mlm_loss(
+    output: ModelOutput, batch, contrastive: float = 0.0, denominator: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, masked-value accuracy) over the masked positions of `batch` (a CellBatch).
 
     Binned: cross-entropy over bins 1..num_bins, accuracy = exact bin. Continuous: MSE, accuracy = fraction of
@@ -246,10 +248,14 @@ def mlm_loss(output: ModelOutput, batch, contrastive: float = 0.0) -> tuple[torc
     touches every MLM parameter, so all ranks run the same backward (no collective mismatch). With MVC the
     loss is the sum of both objectives (equal weights, as scGPT); the accuracy stays the MLM head's. With
     views (args.contrastive) `contrastive` x the InfoNCE loss between them is added.
+
+    denominator: divide the masked tokens' summed loss and hits by this instead of their count in `batch`
+    (the world-size-invariant step: the step's masked tokens over all ranks and micro-batches, per
+    micro-batch, so that every masked token of a step weighs the same however the step is split).
     """
-    loss, acc = _masked_value_loss(output.mlm, batch)
+    loss, acc = _masked_value_loss(output.mlm, batch, denominator)
     if output.mvc is not None:
-        loss = loss + _masked_value_loss(output.mvc, batch)[0]
+        loss = loss + _masked_value_loss(output.mvc, batch, denominator)[0]
     if output.views is not None:
         loss = loss + contrastive * info_nce(output.views[0], output.views[1])
     return loss, acc
@@ -267,7 +273,9 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1) -> torc
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
-def _masked_value_loss(prediction: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
+def _masked_value_loss(
+    prediction: torch.Tensor, batch, denominator: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     sel = batch.masked
     pred = prediction[sel]
     target = batch.targets[sel]
@@ -276,10 +284,12 @@ def _masked_value_loss(prediction: torch.Tensor, batch) -> tuple[torch.Tensor, t
         return zero, zero.detach()
     if pred.dim() == 2:  # binned logits [N, num_bins]; targets are bin ids 1..num_bins
         tgt = target.long() - 1
-        loss = F.cross_entropy(pred.float(), tgt)
-        acc = (pred.argmax(-1) == tgt).float().mean()
+        losses = F.cross_entropy(pred.float(), tgt, reduction="none" if denominator is not None else "mean")
+        hits = (pred.argmax(-1) == tgt).float()
     else:
         err = pred.float() - target.float()
-        loss = (err**2).mean()
-        acc = (err.abs() < 0.5).float().mean()
-    return loss, acc.detach()
+        losses = err**2
+        hits = (err.abs() < 0.5).float()
+    if denominator is None:
+        return losses.mean(), hits.mean().detach()  # (the mean of a cross-entropy's mean is itself)
+    return losses.sum() / denominator, (hits.sum() / denominator).detach()

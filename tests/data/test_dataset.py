@@ -222,3 +222,47 @@ def test_reads_run_ahead_into_the_next_epoch(store_a, monkeypatch):
             np.testing.assert_array_equal(a.ids, b.ids)
             np.testing.assert_array_equal(a.indptr, b.indptr)
             np.testing.assert_array_equal(a.indices, b.indices)
+
+
+def step_cells(batches: list) -> list[tuple]:
+    """Each cell of a step's micro-batches (ranks in order) as its real tokens: padding depends on the batch."""
+    out = []
+    for b in batches:
+        for i in range(b.num_cells):
+            n = int(b.attention_mask[i].sum())
+            out.append(tuple(tuple(getattr(b, f)[i, :n].tolist()) for f in ("gene_ids", "values", "masked")))
+    return out
+
+
+def elastic_steps(path, state, world: int, batch: int, accum: int, steps: int) -> tuple[list, dict]:
+    """`steps` optimizer steps of data.elastic on `world` ranks (from `state`), each as step_cells."""
+    data = dcfg([path], elastic=True, batch_size=batch)
+    ranks = [
+        build_dataset(data, TOK, rank=r, world_size=world, seed=5, grad_accum=accum) for r in range(world)
+    ]
+    for d in ranks:
+        if state is not None:
+            d.load_state_dict(state)
+    its = [iter(d) for d in ranks]
+    out = [step_cells([next(it) for it in its for _ in range(accum)]) for _ in range(steps)]
+    state = ranks[0].state_dict()
+    for d in ranks:
+        d.close()
+    return out, state
+
+
+def test_elastic_order_gives_each_step_the_same_cells_and_masks_on_any_world_size(store_a):
+    """data.elastic: 2 ranks x 12 cells for 6 steps, then the rest of the epoch (and into the next) on 1 rank
+    (12 x 2 micro-batches), 3 ranks (8 x 1) and 4 ranks (3 x 2): every step's cells, gene order, values and
+    masks are those of the uninterrupted 2-rank stream."""
+    path, _ = store_a
+    reference, _ = elastic_steps(path, None, 2, 12, 1, 24)  # 470 cells: 19 steps of 24 per epoch
+    _, state = elastic_steps(path, None, 2, 12, 1, 6)
+    assert state["samples_seen"] == 6 * 24 and state["elastic"] is True
+    for world, batch, accum in ((1, 12, 2), (3, 8, 1), (4, 3, 2)):
+        got, _ = elastic_steps(path, state, world, batch, accum, 18)
+        for step, (a, b) in enumerate(zip(reference[6:], got, strict=True)):
+            assert sorted(a) == sorted(b), (world, step)  # the same cells, tokens and masks
+    # the masks really are drawn: about mask_ratio of the real genes, and not the same for all cells
+    masked = [sum(c[2]) / len(c[2]) for step in reference for c in step]
+    assert 0.1 < np.mean(masked) < 0.3 and len(set(tuple(c[2]) for step in reference for c in step)) > 10

@@ -132,3 +132,43 @@ def test_make_chunks_cover_each_store():
     for s, n in enumerate(SIZES):
         sel = ch.store == s
         assert ch.sizes[sel].sum() == n and ch.sizes[sel].max() <= CHUNK
+
+
+def slices(units, world, batch, accum):
+    """The world-size-invariant order: each step's rows as the ranks deliver them, ranks in order."""
+    per_rank = []
+    for rank in range(world):
+        plan = partition.plan_slices(
+            units, rank=rank, world=world, batch_size=batch, grad_accum=accum, window_units=WINDOW
+        )
+        rows = [
+            ids(*partition.window_rows(plan, w, seed=7, epoch=0, segment=0, rank=rank))
+            for w in range(plan.num_windows)
+        ]
+        rows = np.concatenate(rows)
+        assert len(rows) == plan.num_samples and plan.num_batches * batch == plan.num_samples
+        per_rank.append(rows.reshape(-1, batch * accum))
+    return np.concatenate(per_rank, axis=1)  # [steps, G]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 6, 8])
+def test_invariant_order_gives_every_step_the_same_cells_on_any_world_size(world):
+    """G = 24 cells per step as 1 x 24, or world x (24 / world) split into micro-batches: the same rows in
+    the same places, every cell of the epoch at most once, only the tail of fewer than G cells left out."""
+    units = epoch_units()
+    reference = slices(units, 1, 24, 1)
+    for accum in (1, 2, 3):
+        if (24 // world) % accum == 0:
+            np.testing.assert_array_equal(slices(units, world, 24 // world // accum, accum), reference)
+    flat = reference.ravel()
+    assert len(np.unique(flat)) == len(flat) and len(flat) == units.num_rows // 24 * 24
+    assert len(flat) > 24 * 5  # several steps, windows crossed (WINDOW chunks of CHUNK rows = 12 < 24)
+
+
+def test_invariant_order_positions_map_to_the_global_stream():
+    plan = partition.plan_slices(
+        epoch_units(), rank=1, world=3, batch_size=2, grad_accum=2, window_units=WINDOW
+    )
+    # rank 1 of 3, 4 cells per step: global positions 4..7, then 16..19, ...
+    np.testing.assert_array_equal(plan.global_positions(0, 6), [4, 5, 6, 7, 16, 17])
+    assert plan.num_samples == epoch_units().num_rows // 12 * 4

@@ -291,3 +291,37 @@ def test_rows_read_in_place_give_the_batch_of_the_gathered_rows(backend, encodin
             np.testing.assert_array_equal(got, ref)
     with pytest.raises(IndexError):
         numba_tokens(indptr, indices, data, lognorm, cfg(), "top", False, None, rows=np.array([60]))
+
+
+def test_keyed_cells_draw_the_same_subset_and_mask_in_any_batch(backend):
+    """cell_keys (the world-size-invariant order): a cell's random gene subset and mask depend on the rng's
+    seeds and its key, not on which batch it is in or where; unkeyed, the place in the batch decides."""
+    if backend == "numpy":
+        pytest.skip("keyed draws are the compiled kernel's (the oracle draws its own randomness)")
+    from sclabel_dist.data.tokenize import tokenize_block
+
+    m = sp.random(12, 200, density=0.3, format="csr", random_state=1, dtype=np.float32)
+    m.data = np.ceil(m.data * 20)
+    c = cfg(max_len=33, mask_ratio=0.3)  # ~60 genes per cell: a random subset of 32 too
+
+    def tokens(rows, keys):
+        b = tokenize_block(
+            m.indptr,
+            m.indices,
+            m.data,
+            np.zeros(12, bool),
+            c,
+            train=True,
+            mask=True,
+            rng=np.random.default_rng(7),
+            rows=np.array(rows),
+            cell_keys=None if keys is None else np.array(keys),
+        )
+        return {r: (b.gene_ids[i].tolist(), b.masked[i].tolist()) for i, r in enumerate(rows)}
+
+    whole = tokens(range(12), [100 + r for r in range(12)])
+    part = tokens([7, 2, 9], [107, 102, 109])
+    assert all(part[r] == whole[r] for r in part)
+    assert len({tuple(v[1]) for v in whole.values()}) == 12
+    # the control: without keys a cell's draws follow its place in the batch
+    assert tokens([7, 2, 9], None)[7] != tokens(range(12), None)[7]

@@ -3,6 +3,8 @@
 SCLABEL_TEST_PROBE=PATH    after the final checkpoint, run the live engine on a fixed probe batch and write
                            its outputs to PATH (safetensors) so the export test can compare a bundle with it
 SCLABEL_TEST_KILL_AT_STEP=k  rank 1 SIGKILLs itself after step k on the first attempt (pretrain's after_step hook)
+SCLABEL_TEST_STEP_SLEEP=s  sleep s seconds after each step of the first attempt (so a test can kill an agent
+                           mid-run, between checkpoints, however fast the machine is)
 """
 
 from __future__ import annotations
@@ -78,12 +80,29 @@ def kill_at_step(kill_at: int):
     return after_step
 
 
+def sleep_each_step(seconds: float):
+    """An after_step hook: every rank sleeps `seconds` after each step, on the first attempt only."""
+    import time
+
+    from sclabel_dist.distributed.env import read_dist_env
+
+    env = read_dist_env()
+
+    def after_step(step: int) -> None:
+        if env.restart_count == 0:
+            time.sleep(seconds)
+
+    return after_step
+
+
 if __name__ == "__main__":
     if os.environ.get("SCLABEL_TEST_PROBE"):
         install_probe(os.environ["SCLABEL_TEST_PROBE"])
     kill_at = int(os.environ.get("SCLABEL_TEST_KILL_AT_STEP", "0"))
+    sleep = float(os.environ.get("SCLABEL_TEST_STEP_SLEEP", "0"))
     from sclabel_dist.pretrain import cli
 
+    hook = kill_at_step(kill_at) if kill_at else sleep_each_step(sleep) if sleep else None
     raise SystemExit(
-        cli(after_step=kill_at_step(kill_at) if kill_at else None)
-    )  # as `-m sclabel_dist.pretrain`: a user error is one line and exit code 2
+        cli(after_step=hook)
+    )  # as `-m sclabel_dist.pretrain`: a user error is one line and exit 2
