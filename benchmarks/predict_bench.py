@@ -5,8 +5,21 @@ bundle (fresh weights, `sclabel init-bundle`) are fine-tuned briefly on the 70%,
 regression, log1p CP10k, all genes) is trained on the same 70%, and both annotate the 30% replicated to N
 cells (an .h5ad written block by block). Accuracy is over the N cells (= the test cells' accuracy).
 Peak RSS is the largest sum of the resident memory of the command's whole process tree (sampled 10x/s).
+`--methods embed` adds `sclabel embed` (the debug flavour's pretrained bundle, i.e. `init-bundle`'s) over the
+same cells.
 
-  flock /tmp/sclabel-heavy.lock python benchmarks/predict_bench.py --work .bench/predict --sizes 100000,300000
+Every measured configuration is appended to <work>/results.jsonl and skipped by a later run of the same work
+directory, so a long benchmark is split into commands of a few minutes each (the shared machine's lock):
+
+  B="flock /tmp/sclabel-heavy.lock python benchmarks/predict_bench.py --work .bench/predict"
+  $B --sizes 1000000 --small-sizes '' --procs 1 --methods sclabel
+  $B --sizes 1000000 --small-sizes '' --procs 2 --methods sclabel
+  $B --sizes 1000000 --small-sizes '' --methods celltypist --celltypist-budget 780   # again until complete
+  $B --sizes 1000000 --small-sizes '' --procs 1 --methods embed
+
+CellTypist annotates chunks of 10,000 cells and keeps each chunk's labels and seconds, so with a time budget it
+stops between chunks and the next command continues; its row (seconds = the sum over chunks, peak RSS = the
+largest of the commands) is written once every chunk is done.
 """
 
 from __future__ import annotations
@@ -144,18 +157,20 @@ def accuracy_of_table(path: Path, truth: np.ndarray) -> float:
     return float((pred == truth).mean())
 
 
-def celltypist_child(work: Path, data: Path, n: int) -> None:
-    """Train CellTypist on the training cells and annotate `data` (run in its own process, for its RSS)."""
+def celltypist_child(work: Path, data: Path, n: int, budget_s: float) -> None:
+    """Train CellTypist on the training cells (once) and annotate `data` in chunks, for at most `budget_s`
+    seconds; run in its own process, for its RSS. Each chunk's labels and seconds are kept (temp-and-rename)."""
     import anndata as ad
     import celltypist
 
     from sclabel_dist.annotate.baseline import lognormalise
 
     saved = work / "celltypist_model.pkl"  # CellTypist's own format (a pickle we wrote ourselves, this run)
-    t0 = time.perf_counter()
+    trained = work / "celltypist_train.json"
     if saved.is_file():
         model = celltypist.models.Model.load(str(saved))
     else:
+        t0 = time.perf_counter()
         train = ad.read_h5ad(work / "train.h5ad")
         train_ad = ad.AnnData(lognormalise(train.X, "counts").astype(np.float32), var=train.var[[]])
         train_ad.obs["label"] = train.obs["cell_type"].astype(str).to_numpy()
@@ -163,21 +178,62 @@ def celltypist_child(work: Path, data: Path, n: int) -> None:
             train_ad, labels="label", check_expression=False, n_jobs=1, use_SGD=True, max_iter=1000
         )
         model.write(str(saved))
-    t_train = time.perf_counter() - t0
+        trained.write_text(json.dumps({"train_s": time.perf_counter() - t0}))
     # CellTypist's annotate scales a dense copy of its input (100k cells x 16k genes in float64 is ~13 GB: it
     # was killed on this 23 GB machine), so it annotates chunks of CHUNK cells read from the backed file.
-    t0 = time.perf_counter()
+    parts = work / f"celltypist_{n}_parts"
+    parts.mkdir(exist_ok=True)
+    t_start = time.perf_counter()
     backed = ad.read_h5ad(data, backed="r")
-    parts = []
     for lo in range(0, n, CHUNK):
+        done = parts / f"{lo:010d}.npz"
+        if done.is_file():
+            continue
+        if time.perf_counter() - t_start > budget_s:
+            break
+        t0 = time.perf_counter()
         X = backed.X[lo : min(n, lo + CHUNK)]
         query = ad.AnnData(lognormalise(X, "counts").astype(np.float32), var=backed.var[[]])
         result = celltypist.annotate(query, model=model, majority_voting=False)
-        parts.append(result.predicted_labels["predicted_labels"].astype(str).to_numpy())
-    pred = np.concatenate(parts)
-    t_annotate = time.perf_counter() - t0
-    np.save(work / f"celltypist_{n}.npy", np.asarray(pred, dtype=str))
-    print(json.dumps({"train_s": t_train, "annotate_s": t_annotate}))
+        pred = result.predicted_labels["predicted_labels"].astype(str).to_numpy()
+        tmp = parts / f".{lo:010d}.tmp.npz"
+        np.savez(tmp, labels=np.asarray(pred, dtype=str), seconds=time.perf_counter() - t0)
+        os.replace(tmp, done)
+    chunks = [parts / f"{lo:010d}.npz" for lo in range(0, n, CHUNK)]
+    complete = all(c.is_file() for c in chunks)
+    annotate_s = 0.0
+    if complete:
+        labels = []
+        for c in chunks:
+            with np.load(c) as z:
+                labels.append(z["labels"])
+                annotate_s += float(z["seconds"])
+        np.save(work / f"celltypist_{n}.npy", np.concatenate(labels))
+    train_s = json.loads(trained.read_text())["train_s"] if trained.is_file() else None
+    summary = {"train_s": train_s, "annotate_s": annotate_s, "complete": complete}
+    summary["chunks_done"] = sum(c.is_file() for c in chunks)
+    summary["chunks"] = len(chunks)
+    print(json.dumps(summary))
+
+
+def machine_state() -> dict:
+    """UTC time and load average, for the row (the machine is shared)."""
+    return {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "load": round(os.getloadavg()[0], 2)}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def record(results: Path, rows: list[dict], row: dict) -> None:
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+    with open(results, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def main() -> int:
@@ -186,77 +242,115 @@ def main() -> int:
     p.add_argument("--sizes", default="100000,300000", help="numbers of cells (debug flavour)")
     p.add_argument("--small-sizes", default="20000", help="numbers of cells for the small flavour")
     p.add_argument("--procs", default="1,2")
+    p.add_argument("--methods", default="sclabel,celltypist", help="any of sclabel, celltypist, embed")
+    p.add_argument("--tag", default="", help="appended to the sclabel rows' method (e.g. a code version)")
     p.add_argument("--block-size", type=int, default=8192)
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument(
+        "--celltypist-budget", type=float, default=1e9, help="seconds of CellTypist chunks per run"
+    )
+    p.add_argument("--prepare-only", action="store_true", help="fine-tune the bundles and write the inputs")
     p.add_argument("--celltypist-child", nargs=2, metavar=("DATA", "N"), help=argparse.SUPPRESS)
     args = p.parse_args()
     work = (ROOT / args.work).resolve() if not Path(args.work).is_absolute() else Path(args.work)
     if args.celltypist_child:
-        celltypist_child(work, Path(args.celltypist_child[0]), int(args.celltypist_child[1]))
+        celltypist_child(
+            work, Path(args.celltypist_child[0]), int(args.celltypist_child[1]), args.celltypist_budget
+        )
         return 0
     os.environ.setdefault("PYTHONPATH", str(ROOT))
+    methods = set(args.methods.split(","))
     sizes = {"debug": [int(s) for s in args.sizes.split(",") if s]}
     sizes["small"] = [int(s) for s in args.small_sizes.split(",") if s]
     ctx = prepare(work, [f for f, s in sizes.items() if s])
+    if args.prepare_only:  # its own command: the bundles and the million-cell file take minutes
+        for n in sorted({n for s in sizes.values() for n in s}):
+            if not (work / f"cells_{n}.h5ad").is_file():
+                write_replicated(ctx["src"], ctx["test"], n, work / f"cells_{n}.h5ad")
+        return 0
     results = work / "results.jsonl"
     # rows measured by an earlier (interrupted) run of the same work directory are kept, not measured again
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
     measured = {(r["method"], r["cells"], r["procs"]) for r in rows}
+    tag = f" {args.tag}" if args.tag else ""
     # every size with sclabel first, then CellTypist: the scaling figures come before the comparison
-    for phase in ("sclabel", "celltypist"):
+    for phase in ("sclabel", "embed", "celltypist"):
+        if phase not in methods:
+            continue
         for n in sorted({n for s in sizes.values() for n in s}):
             data = work / f"cells_{n}.h5ad"
             if not data.is_file():
                 write_replicated(ctx["src"], ctx["test"], n, data)
             truth = np.resize(ctx["y"][ctx["test"]], n)
-            for flavour in [f for f, s in sizes.items() if n in s and phase == "sclabel"]:
+            flavours = [f for f, s in sizes.items() if n in s] if phase != "celltypist" else []
+            if phase == "embed":
+                flavours = [f for f in flavours if f == "debug"]
+            for flavour in flavours:
                 for nproc in [int(x) for x in args.procs.split(",")]:
-                    if (f"sclabel {flavour}", n, nproc) in measured:
+                    method = (
+                        f"sclabel {flavour}{tag}" if phase == "sclabel" else f"sclabel embed {flavour}{tag}"
+                    )
+                    if (method, n, nproc) in measured:
                         continue
                     out = work / f"pred_{flavour}_{n}_{nproc}.parquet"
                     out.unlink(missing_ok=True)
-                    flags = ["--model", str(work / f"run_{flavour}"), "--data", str(data), "--out", str(out),
+                    # predict: the fine-tuned run; embed: the pretrained bundle (the zero-shot use)
+                    model = work / (f"run_{flavour}" if phase == "sclabel" else f"bundle_{flavour}")
+                    flags = ["--model", str(model), "--data", str(data), "--out", str(out),
                              "--block-size", str(args.block_size), "--batch-size", str(args.batch_size)]  # fmt: skip
                     env = {**os.environ, "OMP_NUM_THREADS": str(2 // nproc)}
+                    before = machine_state()
                     if nproc == 1:
-                        cmd = sclabel("predict", *flags)
+                        cmd = sclabel("predict" if phase == "sclabel" else "embed", *flags)
                     else:
+                        module = "sclabel_dist.predict" if phase == "sclabel" else "sclabel_dist.embed"
                         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                               "--master_addr=127.0.0.1", "--master_port=29731", "-m", "sclabel_dist.predict", *flags]  # fmt: skip
+                               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", module, *flags]  # fmt: skip
                     seconds, rss, text = run_measured(cmd, env)
                     row = {
-                        "method": f"sclabel {flavour}", "cells": n, "procs": nproc, "seconds": round(seconds, 1),
+                        "method": method, "cells": n, "procs": nproc, "seconds": round(seconds, 1),
                         "cells_per_s": round(n / seconds), "peak_rss_gb": round(rss, 2),
-                        "accuracy": round(accuracy_of_table(out, truth), 4),
+                        "accuracy": round(accuracy_of_table(out, truth), 4) if phase == "sclabel" else None,
                         "inference_line": next((ln for ln in text.splitlines() if ln.startswith("inference:")), ""),
+                        "start": before, "end": machine_state(),
                     }  # fmt: skip
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
-                    with open(results, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+                    record(results, rows, row)
                     out.unlink(missing_ok=True)
-            if phase == "sclabel" or ("celltypist (SGD)", n, 1) in measured:
+            if phase != "celltypist" or ("celltypist (SGD)", n, 1) in measured:
                 continue
+            progress = work / f"celltypist_{n}_parts" / "runs.json"
+            before = machine_state()
             seconds, rss, text = run_measured(
-                [sys.executable, __file__, "--work", str(work), "--celltypist-child", str(data), str(n)]
-            )
+                [sys.executable, __file__, "--work", str(work), "--celltypist-child", str(data), str(n),
+                 "--celltypist-budget", str(args.celltypist_budget)]
+            )  # fmt: skip
             times = json.loads(text.strip().splitlines()[-1])
+            runs = json.loads(progress.read_text()) if progress.is_file() else []
+            runs.append({"peak_rss_gb": round(rss, 2), "seconds": round(seconds, 1), "start": before,
+                         "end": machine_state(), "chunks_done": times["chunks_done"]})  # fmt: skip
+            tmp = progress.with_suffix(".tmp")
+            tmp.write_text(json.dumps(runs, indent=1))
+            os.replace(tmp, progress)
+            if not times["complete"]:
+                print(
+                    f"CellTypist at {n:,} cells: {times['chunks_done']} of {times['chunks']} chunks; run again"
+                )
+                continue
             pred = np.load(work / f"celltypist_{n}.npy")
             row = {
                 "method": "celltypist (SGD)", "cells": n, "procs": 1, "seconds": round(times["annotate_s"], 1),
-                "cells_per_s": round(n / times["annotate_s"]), "peak_rss_gb": round(rss, 2),
-                "accuracy": round(float((pred == truth).mean()), 4), "train_s": round(times["train_s"], 1),
+                "cells_per_s": round(n / times["annotate_s"]), "peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
+                "accuracy": round(float((pred == truth).mean()), 4), "train_s": times["train_s"],
+                "commands": len(runs), "start": runs[0]["start"], "end": runs[-1]["end"],
             }  # fmt: skip
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-            with open(results, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            record(results, rows, row)
     print("\n| method | cells | processes | seconds | cells/s | peak RSS (GB) | accuracy |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
+        acc = f"{r['accuracy']:.3f}" if r.get("accuracy") is not None else "-"
         print(
             f"| {r['method']} | {r['cells']:,} | {r['procs']} | {r['seconds']} | {r['cells_per_s']:,} | "
-            f"{r['peak_rss_gb']} | {r['accuracy']:.3f} |"
+            f"{r['peak_rss_gb']} | {acc} |"
         )
     return 0
 

@@ -11,7 +11,7 @@ import torch
 from sclabel_dist.bundle import tokenize_config  # noqa: F401  (predict imports it from here)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def run_model(
     model: torch.nn.Module,
     csr: sp.csr_matrix,
@@ -25,7 +25,8 @@ def run_model(
 
     Evaluation tokenisation (deterministic gene selection, no mask), and a cell's output does not depend on
     which cells share its batch: the model ignores padding. Cells are batched in order of their number of
-    genes so batches need little padding; results are returned in the input order.
+    genes so batches need little padding; results are returned in the input order. Only what is read is
+    computed (ScLabelNet.cell_outputs: the CLS token, no MLM head), under inference_mode.
     """
     from sclabel_dist.data.tokenize import tokenize_csr
 
@@ -38,10 +39,10 @@ def run_model(
     for start in range(0, n, max(1, batch_size)):
         rows = order[start : start + batch_size]
         batch = tokenize_csr(csr[rows], tok_cfg, value_kind=value_kind, train=False, mask=False).to(device)
-        out = model(batch.gene_ids, batch.values, batch.attention_mask, bag=batch.bag)
-        embeddings.append(out.cell_embedding.float().cpu().numpy())
-        if out.logits is not None:
-            probs.append(torch.softmax(out.logits.float(), dim=-1).cpu().numpy())
+        cell, logits = model.cell_outputs(batch.gene_ids, batch.values, batch.attention_mask, bag=batch.bag)
+        embeddings.append(cell.float().cpu().numpy())
+        if logits is not None:
+            probs.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
     model.train(was_training)
     inverse = np.empty(n, dtype=np.int64)
     inverse[order] = np.arange(n)

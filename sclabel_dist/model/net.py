@@ -37,14 +37,17 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(args.dim, 3 * args.dim)
         self.proj = nn.Linear(args.dim, args.dim)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+        """Attention over x [B, L, D]; `queries` = n computes only the first n tokens' outputs [B, n, D]."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if queries is not None:
+            q = q[:, :, :queries]
         # key_mask [B, 1, 1, L], True = attend: padded keys get no weight, so a cell's output never depends on
         # how much padding its batch needed. Padded queries still see CLS, so no row is all -inf (no NaN).
         drop = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=drop)
-        return self.proj(y.transpose(1, 2).reshape(b, n, d))
+        return self.proj(y.transpose(1, 2).reshape(b, q.shape[2], d))
 
 
 class MLP(nn.Module):
@@ -68,8 +71,10 @@ class Block(nn.Module):
         self.mlp = MLP(args)
         self.drop = nn.Dropout(args.dropout)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), key_mask))
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+        """x [B, L, D] -> [B, L, D], or only the first `queries` tokens' outputs [B, queries, D]."""
+        h = self.attn(self.norm1(x), key_mask, queries)
+        x = (x if queries is None else x[:, :queries]) + self.drop(h)
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -184,6 +189,28 @@ class ScLabelNet(nn.Module):
             cell2 = self.encode(x2, half[2])[:, 0]
             views = torch.stack([self.contrast_head(cell), self.contrast_head(cell2)])
         return ModelOutput(cell_embedding=cell, mlm=mlm, logits=logits, hidden=x, mvc=mvc, views=views)
+
+    def cell_outputs(
+        self,
+        gene_ids: torch.Tensor,
+        values: torch.Tensor,
+        attention_mask: torch.Tensor,
+        bag: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(cell_embedding, logits) as forward() gives them at inference, for less compute (annotate, embed).
+
+        Only the CLS token is read, so the MLM head is skipped and the last block computes the CLS row alone
+        (its keys and values still come from every token): a depth-d model saves ~3/4 of a block, the same
+        numbers up to float rounding.
+        """
+        x, _ = self.embed(gene_ids, values, None, bag)
+        key_mask = attention_mask[:, None, None, :].bool()
+        for block in self.blocks[:-1]:
+            x = block(x, key_mask)
+        if len(self.blocks):
+            x = self.blocks[-1](x, key_mask, queries=1)
+        cell = self.norm(x[:, 0])
+        return cell, (self.cls_head(cell) if self.cls_head is not None else None)
 
     def encode(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The encoder blocks and the final norm over token inputs x [B, L, D]."""

@@ -191,6 +191,37 @@ def test_cell_store_and_soma_inputs_give_the_h5ad_results(finetuned, unlabelled,
     assert table(tmp_path / "store.parquet")["cell"][3] == "cells:3"
 
 
+@pytest.mark.parametrize(("gene_bag", "encoding"), [(True, "binned"), (False, "continuous")])
+def test_the_inference_path_gives_the_full_forwards_outputs(gene_bag, encoding):
+    """cell_outputs (CLS only, last block's CLS row alone, no MLM head) = forward's cell embedding and logits,
+    on a padded batch (cells of 3 to 40 tokens)."""
+    import torch
+
+    from sclabel_dist.model.args import ModelArgs
+    from sclabel_dist.model.net import ScLabelNet
+
+    torch.manual_seed(0)
+    args = ModelArgs(vocab_size=60, dim=32, depth=3, heads=4, num_classes=5, gene_bag=gene_bag,
+                     value_encoding=encoding, mvc=True, contrastive=0.5)  # fmt: skip
+    model = ScLabelNet(args).eval()
+    b, length = 6, 40
+    lengths = torch.tensor([40, 3, 17, 40, 25, 8])
+    mask = (torch.arange(length)[None] < lengths[:, None]).long()
+    ids = torch.randint(2, 60, (b, length)) * mask
+    values = (torch.randint(1, 52, (b, length)) if encoding == "binned" else torch.rand(b, length)) * mask
+    bag = None
+    if gene_bag:
+        offsets = torch.tensor([0, 10, 12, 30, 31, 50])
+        bag = (torch.randint(2, 60, (60,)), offsets, torch.rand(60))
+    with torch.inference_mode():
+        full = model(ids, values, mask, bag=bag)
+        cell, logits = model.cell_outputs(ids, values, mask, bag=bag)
+    assert cell.shape == full.cell_embedding.shape and logits.shape == full.logits.shape
+    torch.testing.assert_close(cell, full.cell_embedding, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits, full.logits, atol=1e-5, rtol=0)
+    assert not torch.equal(cell[0], cell[3])  # not a degenerate model
+
+
 def torchrun(nproc: int, module: str, *argv: str, port: int) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
