@@ -22,6 +22,8 @@ class InputStats:
     sum_per_column: np.ndarray  # float64 [num_cols]
     all_integer: bool
     max_value: float
+    # rows of each block the reader yielded, in order: the --shuffle plan replays the serial shuffle's draws
+    block_sizes: list[int] | None = None
 
 
 def scan_input(reader: InputReader, block_rows: int = 4096, progress: bool = True) -> InputStats:
@@ -30,6 +32,7 @@ def scan_input(reader: InputReader, block_rows: int = 4096, progress: bool = Tru
     cells = np.zeros(ncols, dtype=np.int64)
     sums = np.zeros(ncols, dtype=np.float64)
     nnz, all_int, max_value = 0, True, 0.0
+    sizes: list[int] = []
     bar = tqdm(
         total=reader.num_rows, desc=f"scan {reader.path}", unit="cells", disable=not progress, leave=False
     )
@@ -43,11 +46,12 @@ def scan_input(reader: InputReader, block_rows: int = 4096, progress: bool = Tru
         if block.nnz:
             max_value = max(max_value, float(block.data.max()))
         nnz += block.nnz
+        sizes.append(block.shape[0])
         bar.update(block.shape[0])
     bar.close()
     if reader.num_rows == 0:
         raise SclabelError(f"{reader.path}: no cells")
-    return InputStats(reader.num_rows, nnz, cells, sums, all_int, max_value)
+    return InputStats(reader.num_rows, nnz, cells, sums, all_int, max_value, sizes)
 
 
 def _first_bad_row(reader: InputReader, kind: str) -> None:
