@@ -16,12 +16,13 @@ from __future__ import annotations
 import multiprocessing
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from data_tools import remote_store
 from data_tools.ingest import IngestOptions
 from data_tools.ingest_commit import commit_locked
-from data_tools.ingest_parts import existing_part_counts, manifest_path, parse_part, run_part
+from data_tools.ingest_parts import existing_part_counts, manifest_path, parse_part, peak_rss_mib, run_part
 from data_tools.ingest_plan import PLAN_DIR, check_fingerprint, make_plan, plan_dir
 from data_tools.store_lock import StoreLock
 from data_tools.tempfiles import spill_dir
@@ -78,7 +79,9 @@ def ensure_plan(opts: IngestOptions, out: Path) -> None:
         )
     else:
         base = None
+    t0 = time.perf_counter()
     make_plan(opts, out, base)
+    print(f"{out}: planned in {time.perf_counter() - t0:.1f} s, peak RSS {peak_rss_mib():.0f} MiB")
 
 
 def _leftover(name: str) -> bool:

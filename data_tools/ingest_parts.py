@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -94,6 +96,7 @@ def run_part(out: Path, i: int, n: int, opts: IngestOptions | None = None, progr
     if manifest.is_file():
         print(f"{out}: part {i}/{n} already written; not rewritten")
         return False
+    t0 = time.perf_counter()
     vocab = GeneVocab.from_json(plan_dir(out) / fmt.VOCAB_FILE)
     mine = part_shards(plan, i, n)
     entries: list[dict] = []
@@ -101,8 +104,17 @@ def run_part(out: Path, i: int, n: int, opts: IngestOptions | None = None, progr
         shards = [s for s in mine if s.dataset == d]
         entries += _write_dataset_shards(out, plan, d, shards, vocab, progress)
     write_json_atomic(manifest, {"part": i, "parts": n, "shards": entries})
-    print(f"{out}: part {i}/{n} written: {len(entries)} shards, {sum(e['num_rows'] for e in entries)} cells")
+    # peak RSS and time per part: what --workers costs per process (benchmarks/atlas_bench.py reads this line)
+    print(
+        f"{out}: part {i}/{n} written: {len(entries)} shards, {sum(e['num_rows'] for e in entries)} cells "
+        f"in {time.perf_counter() - t0:.1f} s, peak RSS {peak_rss_mib():.0f} MiB"
+    )
     return True
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (Linux: ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _open(plan: Plan, d: int) -> InputReader:
