@@ -297,13 +297,19 @@ def append_datasets(
 
 
 def prepare_inputs(
-    opts: IngestOptions, names: list[str], columns: list[str], optional: set[str], prepared: list[Prepared]
+    opts: IngestOptions,
+    names: list[str],
+    columns: list[str],
+    optional: set[str],
+    prepared: list[Prepared],
+    scanned: Sequence[InputStats] | None = None,
 ) -> GeneVocab:
     """Open, scan and match every input (appended to `prepared`, which the caller closes); the vocabulary.
 
     Nothing is written here: a bad input (values, columns, too few matched genes) raises before any write.
+    `scanned`: the inputs' stats when already scanned (the parallel plan scans in several processes).
     """
-    for path, name in zip(opts.inputs, names, strict=True):
+    for i, (path, name) in enumerate(zip(opts.inputs, names, strict=True)):
         reader = open_input(
             path,
             layer=opts.layer,
@@ -315,7 +321,7 @@ def prepare_inputs(
         )
         prepared.append(Prepared(name, reader, None, ""))  # type: ignore[arg-type]
         prepared[-1].obs_present = present_columns(reader, columns, optional)  # fail before any work
-        stats = scan_input(reader, opts.block_rows, progress=not opts.no_progress)
+        stats = scanned[i] if scanned else scan_input(reader, opts.block_rows, progress=not opts.no_progress)
         prepared[-1].stats = stats
         prepared[-1].value_kind = decide_value_kind(stats, reader, opts.value_kind)
     vocab = choose_vocab(opts, prepared)

@@ -50,7 +50,7 @@ def run(opts: IngestOptions) -> fmt.StoreIndex | None:
         run_part(out, i, n, opts, progress=not opts.no_progress)
         return None
     with StoreLock(out):
-        ensure_plan(opts, out)
+        ensure_plan(opts, out, opts.workers or 1)
         if opts.plan_only:
             print(
                 f"{out}: plan written to {plan_dir(out)}; now run the parts (--part i/N), then `sclabel-data commit {out}`"
@@ -64,7 +64,7 @@ def run(opts: IngestOptions) -> fmt.StoreIndex | None:
     return index
 
 
-def ensure_plan(opts: IngestOptions, out: Path) -> None:
+def ensure_plan(opts: IngestOptions, out: Path, workers: int = 1) -> None:
     """Plan the ingest into `out`, or keep the plan there when it was made for the same inputs and options."""
     has_index = (out / fmt.INDEX_FILE).is_file()
     if (plan_dir(out) / "plan.json").is_file():
@@ -80,7 +80,7 @@ def ensure_plan(opts: IngestOptions, out: Path) -> None:
     else:
         base = None
     t0 = time.perf_counter()
-    make_plan(opts, out, base)
+    make_plan(opts, out, base, workers)
     print(f"{out}: planned in {time.perf_counter() - t0:.1f} s, peak RSS {peak_rss_mib():.0f} MiB")
 
 
@@ -138,7 +138,7 @@ def _run_remote(opts: IngestOptions) -> fmt.StoreIndex:
             version = remote_store.check_target(out, overwrite=False)
         staged = dataclasses.replace(opts, out=str(local))
         with StoreLock(local):
-            make_plan(staged, local, fmt.read_index(local) if opts.append else None)
+            make_plan(staged, local, fmt.read_index(local) if opts.append else None, opts.workers or 1)
             run_workers(local, opts.workers or 1)
             commit_locked(local)
         names = [d.name for d in fmt.read_index(local).datasets][-len(opts.inputs) :]

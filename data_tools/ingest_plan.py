@@ -23,8 +23,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,8 @@ import numpy as np
 import pandas as pd
 
 from data_tools.ingest import IngestOptions, Prepared, dataset_names, parse_obs_columns, prepare_inputs
+from data_tools.readers import detect_kind, open_input
+from data_tools.scan import InputStats, merge_stats, scan_input
 from data_tools.shuffle_write import num_buckets
 from data_tools.tempfiles import clean_stale, spill_dir
 from sclabel_dist.atomic import write_json_atomic
@@ -153,7 +157,52 @@ def check_fingerprint(out: Path, opts: IngestOptions) -> Plan:
     return plan
 
 
-def make_plan(opts: IngestOptions, out: Path, base: fmt.StoreIndex | None) -> Plan:
+def _scan_range(opts: IngestOptions, path: str, start: int, stop: int) -> InputStats:
+    """One process's share of the scan: rows [start, stop) of one input."""
+    reader = open_input(
+        path,
+        layer=opts.layer,
+        use_raw=opts.use_raw,
+        gene_column=opts.gene_column,
+        ensembl_column=opts.ensembl_column,
+        measurement=opts.measurement,
+        workdir=opts.tmp_dir,
+    )
+    try:
+        return scan_input(reader, opts.block_rows, progress=False, start=start, stop=stop)
+    finally:
+        reader.close()
+
+
+def parallel_scan(opts: IngestOptions, workers: int) -> list[InputStats] | None:
+    """Every input's scan, split into row ranges over `workers` spawned processes; None when not worth it.
+
+    Ranges start at multiples of --block-rows, so the blocks (and the shuffle's draws) are the serial ones.
+    Integer sums are exact in any order; a non-integer input is rescanned in one pass so that its per-gene
+    value sums (the match report) are the serial ones to the last bit.
+    """
+    if workers < 2 or any(detect_kind(p) == "10x" for p in opts.inputs):
+        return None  # a 10x directory is spilled to disk by its reader: one pass, one process
+    tasks = []
+    for i, path in enumerate(opts.inputs):
+        reader = open_input(path, layer=opts.layer, use_raw=opts.use_raw, measurement=opts.measurement)
+        n = reader.num_rows
+        reader.close()
+        step = max(opts.block_rows, -(-n // workers // opts.block_rows) * opts.block_rows)
+        tasks += [(i, a, min(a + step, n)) for a in range(0, n, step)] or [(i, 0, 0)]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_scan_range, opts, opts.inputs[i], a, b) for i, a, b in tasks]
+        results = [f.result() for f in futures]
+    stats = []
+    for i, path in enumerate(opts.inputs):
+        merged = merge_stats([r for (j, _, _), r in zip(tasks, results, strict=True) if j == i])
+        if not merged.all_integer:
+            merged = _scan_range(opts, path, 0, merged.num_rows)
+        stats.append(merged)
+    return stats
+
+
+def make_plan(opts: IngestOptions, out: Path, base: fmt.StoreIndex | None, workers: int = 1) -> Plan:
     """Scan the inputs, decide everything, write OUT/_ingest atomically; returns the plan."""
     columns, optional = parse_obs_columns(opts.obs_columns)
     names = dataset_names(opts.inputs, opts.dataset_name)
@@ -169,7 +218,10 @@ def make_plan(opts: IngestOptions, out: Path, base: fmt.StoreIndex | None) -> Pl
     prepared: list[Prepared] = []
     try:
         # the vocabulary of an append is the store's: read from `out` (opts.out may be the s3:// target)
-        vocab = prepare_inputs(dataclasses.replace(opts, out=str(out)), names, columns, optional, prepared)
+        scanned = parallel_scan(opts, workers)
+        vocab = prepare_inputs(
+            dataclasses.replace(opts, out=str(out)), names, columns, optional, prepared, scanned
+        )
         vocab.to_json(work / fmt.VOCAB_FILE)
         categories = {k: list(v) for k, v in (base.obs_columns if base else {}).items()}
         datasets = []
