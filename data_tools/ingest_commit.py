@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from data_tools.ingest_parts import existing_part_counts, manifest_path, read_manifests
-from data_tools.ingest_plan import Plan, index_sha256, load_plan, plan_dir
+from data_tools.ingest_plan import PLAN_FILE, Plan, index_sha256, load_plan, plan_dir
 from data_tools.store_lock import StoreLock
 from sclabel_dist.atomic import write_json_atomic
 from sclabel_dist.checksums import sha256_tree
@@ -23,10 +23,15 @@ from sclabel_dist.data import format as fmt
 from sclabel_dist.errors import SclabelError
 
 
-def commit(out: str | Path) -> fmt.StoreIndex:
-    """Check the parts of the planned ingest in `out` and commit its index (holding the store's lock)."""
+def commit(out: str | Path) -> fmt.StoreIndex | None:
+    """Check the parts of the planned ingest in `out` and commit its index (holding the store's lock).
+
+    None when there is nothing to commit because the store is committed already (another array task did it).
+    """
     out = Path(out)
     with StoreLock(out):
+        if not (plan_dir(out) / PLAN_FILE).is_file() and (out / fmt.INDEX_FILE).is_file():
+            return None
         return commit_locked(out)
 
 
@@ -133,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     index = commit(args.out)
+    if index is None:
+        print(f"{args.out}: nothing to commit: no ingest plan there, and the store is committed")
+        return 0
     print(
         f"{args.out}: committed {index.num_rows} cells, {index.num_genes} genes, {index.nnz} non-zeros, "
         f"{index.num_shards} shards"

@@ -69,7 +69,7 @@ def ensure_plan(opts: IngestOptions, out: Path, workers: int = 1) -> None:
     has_index = (out / fmt.INDEX_FILE).is_file()
     if (plan_dir(out) / "plan.json").is_file():
         check_fingerprint(out, opts)
-        print(f"{out}: resuming the planned ingest (finished parts are kept)")
+        print(f"{out}: the plan there is for these inputs and options: kept (finished parts are kept too)")
         return
     if opts.append:
         base = fmt.read_index(out)

@@ -113,6 +113,9 @@ def test_parts_in_separate_processes_then_commit(
     done = cli("commit", str(out))
     assert done.returncode == 0, done.stderr
     assert_same_store(serial_store, out)
+    late = cli("commit", str(out))  # a later array task: nothing left to do, not an error
+    assert late.returncode == 0 and "nothing to commit" in late.stdout
+    assert_same_store(serial_store, out)
 
 
 def test_shuffle_is_the_serial_permutation_for_any_number_of_workers(
