@@ -126,6 +126,8 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     cmd += ["--workers", str(args.workers), "--obs-columns", "cell_type,batch"] + (
         ["--append"] if args.append else []
     )
+    for f in files:  # --name-suffix: the same files again under other dataset names (a corpus twice as big)
+        cmd += ["--dataset-name", Path(f).stem + args.name_suffix] if args.name_suffix else []
     res = timed(cmd)
     row = {
         "step": "ingest",
@@ -248,6 +250,7 @@ def main() -> None:
     s.add_argument("--store", type=Path, default=WORK / "corpus")
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--append", action="store_true")
+    s.add_argument("--name-suffix", default="", help="dataset names: file stem + this suffix")
     s = sub.add_parser("scaling")
     s.add_argument("--h5ad", type=Path, required=True)
     s.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="0 = the serial ingest")
