@@ -47,7 +47,7 @@ def run(opts: IngestOptions) -> fmt.StoreIndex | None:
     out = Path(opts.out)
     if opts.part:
         i, n = parse_part(opts.part)
-        run_part(out, i, n, opts, progress=not opts.no_progress)
+        run_part(out, i, n, opts)
         return None
     with StoreLock(out):
         ensure_plan(opts, out, opts.workers or 1)
@@ -56,7 +56,7 @@ def run(opts: IngestOptions) -> fmt.StoreIndex | None:
                 f"{out}: plan written to {plan_dir(out)}; now run the parts (--part i/N), then `sclabel-data commit {out}`"
             )
             return None
-        run_workers(out, opts.workers or 1)
+        run_workers(out, opts.workers or 1, opts.tmp_dir)
         index = commit_locked(out)
     print(
         f"{out}: {index.num_rows} cells, {index.num_genes} genes, {index.nnz} non-zeros, {index.num_shards} shards"
@@ -89,25 +89,28 @@ def _leftover(name: str) -> bool:
     return name == fmt.SHARDS_DIR or name.startswith(f".{PLAN_DIR}.tmp-")
 
 
-def _part_main(out: str, i: int, n: int) -> None:
+def _part_main(out: str, i: int, n: int, tmp_dir: str | None) -> None:
     """A spawned worker: one part; a clear one-line error and exit 2 on bad input."""
     try:
-        run_part(Path(out), i, n)
+        run_part(Path(out), i, n, tmp_dir=tmp_dir)
     except SclabelError as exc:
         print(f"sclabel-data ingest: part {i}/{n}: error: {exc}", file=sys.stderr)
         sys.exit(2)
 
 
-def run_workers(out: Path, n: int) -> None:
+def run_workers(out: Path, n: int, tmp_dir: str | None = None) -> None:
     """Write every part of the plan, n spawned processes at once (each: one block plus one shard in memory)."""
     for other in existing_part_counts(out) - {n}:  # a resumed run with another N starts the parts afresh
         for i in range(other):
             manifest_path(out, i, other).unlink(missing_ok=True)
     if n == 1:
-        run_part(out, 0, 1)
+        run_part(out, 0, 1, tmp_dir=tmp_dir)
         return
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_part_main, args=(str(out), i, n), name=f"ingest-part-{i}") for i in range(n)]
+    procs = [
+        ctx.Process(target=_part_main, args=(str(out), i, n, tmp_dir), name=f"ingest-part-{i}")
+        for i in range(n)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -139,7 +142,7 @@ def _run_remote(opts: IngestOptions) -> fmt.StoreIndex:
         staged = dataclasses.replace(opts, out=str(local))
         with StoreLock(local):
             make_plan(staged, local, fmt.read_index(local) if opts.append else None, opts.workers or 1)
-            run_workers(local, opts.workers or 1)
+            run_workers(local, opts.workers or 1, opts.tmp_dir)
             commit_locked(local)
         names = [d.name for d in fmt.read_index(local).datasets][-len(opts.inputs) :]
         index = remote_store.publish(

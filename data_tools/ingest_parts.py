@@ -80,7 +80,9 @@ def existing_part_counts(out: Path) -> set[int]:
     return found
 
 
-def run_part(out: Path, i: int, n: int, opts: IngestOptions | None = None, progress: bool = False) -> bool:
+def run_part(
+    out: Path, i: int, n: int, opts: IngestOptions | None = None, tmp_dir: str | None = None
+) -> bool:
     """Write part i of n of the plan in `out`; False when it was already finished (nothing rewritten).
 
     With `opts` (a --part run) the plan must have been made for the same inputs and options.
@@ -102,7 +104,7 @@ def run_part(out: Path, i: int, n: int, opts: IngestOptions | None = None, progr
     entries: list[dict] = []
     for d in sorted({s.dataset for s in mine}):
         shards = [s for s in mine if s.dataset == d]
-        entries += _write_dataset_shards(out, plan, d, shards, vocab, progress)
+        entries += _write_dataset_shards(out, plan, d, shards, vocab, tmp_dir or (opts and opts.tmp_dir))
     write_json_atomic(manifest, {"part": i, "parts": n, "shards": entries})
     # peak RSS and time per part: what --workers costs per process (benchmarks/atlas_bench.py reads this line)
     print(
@@ -214,7 +216,7 @@ def _blocks(
 
 
 def _write_dataset_shards(
-    out: Path, plan: Plan, d: int, shards: list[ShardPlan], vocab: GeneVocab, progress: bool
+    out: Path, plan: Plan, d: int, shards: list[ShardPlan], vocab: GeneVocab, tmp_dir: str | None
 ) -> list[dict]:
     ds = plan.datasets[d]
     reader = _open(plan, d)
@@ -222,7 +224,7 @@ def _write_dataset_shards(
         match = vocab.match(reader.var_names, reader.ensembl)
         sink = _ShardSink(out, plan, d)
         if ds["shuffled"]:
-            _write_shuffled(out, plan, d, shards, reader, match, sink)
+            _write_shuffled(out, plan, d, shards, reader, match, sink, tmp_dir)
         else:
             _write_in_order(plan, ds, shards, reader, match, sink)
         return sink.entries
@@ -270,7 +272,14 @@ def _write_in_order(plan: Plan, ds: dict, shards: list[ShardPlan], reader, match
 
 
 def _write_shuffled(
-    out: Path, plan: Plan, d: int, shards: list[ShardPlan], reader, match, sink: _ShardSink
+    out: Path,
+    plan: Plan,
+    d: int,
+    shards: list[ShardPlan],
+    reader,
+    match,
+    sink: _ShardSink,
+    tmp_dir: str | None,
 ) -> None:
     """Shuffled: stream the whole input, spill the rows of this part's shards per shard, write each in order."""
     ds = plan.datasets[d]
@@ -278,7 +287,7 @@ def _write_shuffled(
     r = ds["rows_per_shard"]
     lo, hi = shards[0].start, shards[-1].stop
     inv = np.memmap(inv_path(out, d), dtype=np.int64, mode="r", shape=(ds["num_rows"],))
-    tmp = spill_dir("part-shuffle", None)
+    tmp = spill_dir("part-shuffle", tmp_dir)
     try:
         for a, block in reader.blocks(plan.options["block_rows"]):
             pos = np.asarray(inv[a : a + block.shape[0]])
