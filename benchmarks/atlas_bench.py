@@ -202,11 +202,15 @@ def cmd_stream(args: argparse.Namespace) -> None:
         cells += batch.gene_ids.shape[0]
         if args.max_batches and batches >= args.max_batches:
             break
+        if args.time_limit and time.perf_counter() - t0 > args.time_limit:
+            break  # recorded as a partial epoch ("complete": false) rather than lost to a timeout
+    complete = ds.epoch != 0
     wall = time.perf_counter() - t_start
     steady = time.perf_counter() - t_after_first
     ds.close()
     mine = {
         "rank": rank,
+        "complete": complete,
         "cells": cells,
         "wall_s": wall,
         "open_s": opened,
@@ -261,6 +265,7 @@ def main() -> None:
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--max-len", type=int, default=512)
     s.add_argument("--max-batches", type=int, default=0, help="stop early (0 = the whole epoch)")
+    s.add_argument("--time-limit", type=float, default=0, help="stop after this many seconds (0 = none)")
     args = p.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     {"synth": cmd_synth, "ingest": cmd_ingest, "scaling": cmd_scaling, "stream": cmd_stream}[args.command](
