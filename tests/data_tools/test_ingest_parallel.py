@@ -244,3 +244,18 @@ def test_lognorm_input_scanned_in_parallel_gives_the_serial_report(tmp_path: Pat
     assert ingest([src, "-o", str(tmp_path / "par"), *extra, "--workers", "2"]) == 0
     assert_same_store(tmp_path / "serial", tmp_path / "par")
     assert fmt.read_index(tmp_path / "par").datasets[0].value_kind == "lognorm"
+
+
+def test_10x_and_soma_inputs_in_parallel_equal_serial(tmp_path: Path) -> None:
+    """Every reader works in the parts: a 10x directory (re-spilled by each part) and a SOMA experiment."""
+    from h1_builders import ENSEMBL, GENES, counts_matrix, write_10x
+
+    tenx = write_10x(tmp_path / "tenx", counts_matrix(900, 40, 4), GENES, ENSEMBL, gz=True)
+    small = write_h5ad(tmp_path / "a.h5ad", make_adata(300, seed=1))
+    assert cli("to-soma", str(small), "--out", str(tmp_path / "soma")).returncode == 0
+    inputs = [str(tenx), str(tmp_path / "soma")]
+    extra = ["--rows-per-shard", "100", "--no-progress", "--shuffle", "--obs-columns", "cell_type?"]
+    assert ingest([*inputs, "-o", str(tmp_path / "serial"), *extra]) == 0
+    assert ingest([*inputs, "-o", str(tmp_path / "par"), *extra, "--workers", "2"]) == 0
+    assert_same_store(tmp_path / "serial", tmp_path / "par")
+    assert fmt.read_index(tmp_path / "par").num_rows == 1200
