@@ -8,6 +8,7 @@ from sclabel_dist.cli_common import dispatch
 
 COMMANDS = {
     "ingest": ("data_tools.ingest", "write .h5ad / 10x / SOMA input into a sharded Zarr cell store"),
+    "commit": ("data_tools.ingest_commit", "check the parts of a planned ingest and commit its index"),
     "synth": ("data_tools.synth", "generate a seeded synthetic atlas into a store or .h5ad"),
     "to-soma": ("data_tools.to_soma", "convert an .h5ad or a cell store into a TileDB-SOMA experiment"),
     "inspect": ("data_tools.inspect", "summarise a cell store"),

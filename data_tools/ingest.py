@@ -77,6 +77,9 @@ class IngestOptions:
     block_rows: int = 4096
     tmp_dir: str | None = None
     no_progress: bool = False
+    workers: int | None = None
+    plan_only: bool = False
+    part: str | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +141,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-rows", type=int, default=4096, help="rows read per block")
     p.add_argument("--tmp-dir", help="directory for temporary spill files (10x, shuffle)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    par = p.add_argument_group("parallel ingest (plan serially, write parts in parallel, commit once)")
+    par.add_argument(
+        "--workers",
+        type=int,
+        help="write with N spawned processes (each holds one block and one shard); same store as serial",
+    )
+    par.add_argument(
+        "--plan-only",
+        action="store_true",
+        help="only plan: write the plan into OUT/_ingest, for --part runs (e.g. a SLURM array) and `commit`",
+    )
+    par.add_argument(
+        "--part",
+        metavar="I/N",
+        help="write part I of N of the plan in OUT (same inputs and options as --plan-only); rerun redoes a killed part",
+    )
     return p
 
 
@@ -277,13 +296,60 @@ def append_datasets(
         raise
 
 
+def prepare_inputs(
+    opts: IngestOptions,
+    names: list[str],
+    columns: list[str],
+    optional: set[str],
+    prepared: list[Prepared],
+    scanned: Sequence[InputStats] | None = None,
+) -> GeneVocab:
+    """Open, scan and match every input (appended to `prepared`, which the caller closes); the vocabulary.
+
+    Nothing is written here: a bad input (values, columns, too few matched genes) raises before any write.
+    `scanned`: the inputs' stats when already scanned (the parallel plan scans in several processes).
+    """
+    for i, (path, name) in enumerate(zip(opts.inputs, names, strict=True)):
+        reader = open_input(
+            path,
+            layer=opts.layer,
+            use_raw=opts.use_raw,
+            gene_column=opts.gene_column,
+            ensembl_column=opts.ensembl_column,
+            measurement=opts.measurement,
+            workdir=opts.tmp_dir,
+        )
+        prepared.append(Prepared(name, reader, None, ""))  # type: ignore[arg-type]
+        prepared[-1].obs_present = present_columns(reader, columns, optional)  # fail before any work
+        stats = scanned[i] if scanned else scan_input(reader, opts.block_rows, progress=not opts.no_progress)
+        prepared[-1].stats = stats
+        prepared[-1].value_kind = decide_value_kind(stats, reader, opts.value_kind)
+    vocab = choose_vocab(opts, prepared)
+    for p in prepared:
+        p.match = vocab.match(p.reader.var_names, p.reader.ensembl)
+        p.report = {
+            "dataset": p.name,
+            "source": str(p.reader.path),
+            "value_kind": p.value_kind,
+            **p.match.report(p.stats.sum_per_column),
+        }
+        print_report(p)
+    for p in prepared:
+        check_match(p, opts.min_match)
+    return vocab
+
+
 # Out of space or quota: the writers have already dropped what they staged, so one line is all there is to say.
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def ingest(opts: IngestOptions) -> fmt.StoreIndex:
-    """Run an ingest, holding the store's lock throughout; returns the final index."""
+def ingest(opts: IngestOptions) -> fmt.StoreIndex | None:
+    """Run an ingest, holding the store's lock throughout; returns the final index (None: a plan or a part)."""
     try:
+        if opts.workers is not None or opts.plan_only or opts.part:
+            from data_tools.ingest_parallel import run
+
+            return run(opts)
         # Object storage has no lock: there the commit is a conditional put (remote_store.py).
         with nullcontext() if is_remote(opts.out) else StoreLock(opts.out):
             return _ingest_locked(opts)
@@ -319,33 +385,7 @@ def _ingest_locked(opts: IngestOptions) -> fmt.StoreIndex:
         )
     prepared: list[Prepared] = []
     try:
-        for path, name in zip(opts.inputs, names, strict=True):
-            reader = open_input(
-                path,
-                layer=opts.layer,
-                use_raw=opts.use_raw,
-                gene_column=opts.gene_column,
-                ensembl_column=opts.ensembl_column,
-                measurement=opts.measurement,
-                workdir=opts.tmp_dir,
-            )
-            prepared.append(Prepared(name, reader, None, ""))  # type: ignore[arg-type]
-            prepared[-1].obs_present = present_columns(reader, columns, optional)  # fail before any work
-            stats = scan_input(reader, opts.block_rows, progress=not opts.no_progress)
-            prepared[-1].stats = stats
-            prepared[-1].value_kind = decide_value_kind(stats, reader, opts.value_kind)
-        vocab = choose_vocab(opts, prepared)
-        for p in prepared:
-            p.match = vocab.match(p.reader.var_names, p.reader.ensembl)
-            p.report = {
-                "dataset": p.name,
-                "source": str(p.reader.path),
-                "value_kind": p.value_kind,
-                **p.match.report(p.stats.sum_per_column),
-            }
-            print_report(p)
-        for p in prepared:
-            check_match(p, opts.min_match)
+        vocab = prepare_inputs(opts, names, columns, optional, prepared)
         if remote:
             _write_remote(out, index, version, vocab, prepared, opts, columns)
         elif index is not None:

@@ -22,20 +22,36 @@ class InputStats:
     sum_per_column: np.ndarray  # float64 [num_cols]
     all_integer: bool
     max_value: float
+    # rows of each block the reader yielded, in order: the --shuffle plan replays the serial shuffle's draws
+    block_sizes: list[int] | None = None
 
 
-def scan_input(reader: InputReader, block_rows: int = 4096, progress: bool = True) -> InputStats:
-    """Stream every row block once; NaN/inf or negative values raise SclabelError naming the file and row."""
+def scan_input(
+    reader: InputReader,
+    block_rows: int = 4096,
+    progress: bool = True,
+    start: int = 0,
+    stop: int | None = None,
+) -> InputStats:
+    """Stream every row block once; NaN/inf or negative values raise SclabelError naming the file and row.
+
+    start/stop scan rows [start, stop) only (a parallel plan scans ranges in several processes, merge_stats).
+    """
     ncols = len(reader.var_names)
     cells = np.zeros(ncols, dtype=np.int64)
     sums = np.zeros(ncols, dtype=np.float64)
     nnz, all_int, max_value = 0, True, 0.0
+    sizes: list[int] = []
+    stop = reader.num_rows if stop is None else stop
     bar = tqdm(
-        total=reader.num_rows, desc=f"scan {reader.path}", unit="cells", disable=not progress, leave=False
+        total=stop - start, desc=f"scan {reader.path}", unit="cells", disable=not progress, leave=False
     )
-    for start, block in reader.blocks(block_rows):
+    for first, block in reader.blocks(block_rows, start):
+        if first >= stop:
+            break
+        block = block[: stop - first] if first + block.shape[0] > stop else block
         block.eliminate_zeros()
-        check_values(block, "auto", reader.path, start)
+        check_values(block, "auto", reader.path, first)
         cells += np.bincount(block.indices, minlength=ncols)
         sums += np.bincount(block.indices, weights=block.data.astype(np.float64), minlength=ncols)
         if all_int and block.data.dtype.kind == "f":
@@ -43,11 +59,25 @@ def scan_input(reader: InputReader, block_rows: int = 4096, progress: bool = Tru
         if block.nnz:
             max_value = max(max_value, float(block.data.max()))
         nnz += block.nnz
+        sizes.append(block.shape[0])
         bar.update(block.shape[0])
     bar.close()
     if reader.num_rows == 0:
         raise SclabelError(f"{reader.path}: no cells")
-    return InputStats(reader.num_rows, nnz, cells, sums, all_int, max_value)
+    return InputStats(stop - start, nnz, cells, sums, all_int, max_value, sizes)
+
+
+def merge_stats(parts: list[InputStats]) -> InputStats:
+    """The stats of consecutive row ranges of one input, as one scan of all of them would give."""
+    return InputStats(
+        sum(p.num_rows for p in parts),
+        sum(p.nnz for p in parts),
+        np.sum([p.cells_per_column for p in parts], axis=0),
+        np.sum([p.sum_per_column for p in parts], axis=0),
+        all(p.all_integer for p in parts),
+        max(p.max_value for p in parts),
+        [n for p in parts for n in p.block_sizes or []],
+    )
 
 
 def _first_bad_row(reader: InputReader, kind: str) -> None:

@@ -109,6 +109,25 @@ def write_part(
     return idx_dt.name, val_dt.name
 
 
+def checked_block(matrix: sp.csr_matrix, value_kind: str, source: str, first_row: int) -> sp.csr_matrix:
+    """A block's rows checked for the value kind and narrowed to what a part buffers (uint32/float32, int32).
+
+    Shared by StoreWriter and the parallel part writer (ingest_parts.py), so both store the same bytes.
+    """
+    if not matrix.has_canonical_format:
+        matrix = matrix.copy()
+        matrix.sum_duplicates()
+    check_values(matrix, value_kind, source, first_row)
+    # Narrow the buffered values now (float64 -> 4 bytes): the pending part is the writer's whole memory.
+    # check_values above bounds the values by the stored dtype, so neither cast can overflow.
+    if value_kind == "lognorm":
+        matrix.data = matrix.data.astype(np.float32, copy=False)
+    else:
+        matrix.data = matrix.data.astype(np.uint32, copy=False)
+    matrix.indices = matrix.indices.astype(np.int32, copy=False)
+    return matrix
+
+
 def _encode_categories(values: np.ndarray, categories: list[str]) -> np.ndarray:
     """int32 codes of `values` into `categories` (extended in first-seen order); missing values get -1.
 
@@ -247,18 +266,8 @@ class StoreWriter:
             )
         if matrix.shape[0] == 0:
             return
-        if not matrix.has_canonical_format:
-            matrix = matrix.copy()
-            matrix.sum_duplicates()
         pending = self._part.num_rows if self._part is not None else 0
-        check_values(matrix, self.value_kind, self.source or self.dataset, self.num_rows + pending)
-        # Narrow the buffered values now (float64 -> 4 bytes): the pending part is the writer's whole memory.
-        # check_values above bounds the values by the stored dtype, so neither cast can overflow.
-        if self.value_kind == "lognorm":
-            matrix.data = matrix.data.astype(np.float32, copy=False)
-        else:
-            matrix.data = matrix.data.astype(np.uint32, copy=False)
-        matrix.indices = matrix.indices.astype(np.int32, copy=False)
+        matrix = checked_block(matrix, self.value_kind, self.source or self.dataset, self.num_rows + pending)
         if self.mean_nnz is None:
             self.mean_nnz = matrix.nnz / matrix.shape[0]
         if self.rows_per_shard is None:
