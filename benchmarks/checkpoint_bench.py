@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,12 +22,22 @@ from pathlib import Path
 
 def run(nproc: int, overrides: list[str]) -> str:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master-port=29731"]
+    with socket.socket() as s:  # a fresh port per run: a fixed one can still be held by the previous run
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master-port={port}",
+    ]
     proc = subprocess.run(
         [*cmd, "-m", "sclabel_dist.pretrain", *overrides], env=env, capture_output=True, text=True
     )
     if proc.returncode:
-        raise SystemExit(proc.stderr[-4000:])
+        errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error:" in line]
+        raise SystemExit("\n".join(errors[-5:]) + "\n" + proc.stderr[-4000:])
     return proc.stdout
 
 
