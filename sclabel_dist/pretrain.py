@@ -287,6 +287,10 @@ def cli(after_step: Callable[[int], None] | None = None) -> int:
         return main(after_step=after_step)
     except SclabelError as exc:
         print(f"sclabel_dist.pretrain: error: {exc}", file=sys.stderr)
+        # An error raised after the process group is up: free it before exiting, or gloo's threads can abort
+        # the interpreter's shutdown (SIGABRT) and torchrun reports that instead of the exit code 2.
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
         return 2
 
 
