@@ -237,19 +237,24 @@ def zarr_pipeline(path: Any) -> Any:
     process-wide, so remote opens hold a lock while it is switched (they are few: a store's open, validate)."""
     from sclabel_dist.data.stores.location import is_remote
 
-    return _remote_pipeline() if is_remote(path) else contextlib.nullcontext()
+    return zarr_own_pipeline() if is_remote(path) else contextlib.nullcontext()
 
 
 _PIPELINE_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
-def _remote_pipeline() -> Any:
+def zarr_own_pipeline() -> Any:
+    """A context in which zarr uses its own codec pipeline, whatever a reader in this process switched on.
+
+    Remote opens need it (above); writers too: zarrs compresses to other bytes than numcodecs does, so a shard
+    written after a local read switched the process to zarrs would differ from the same shard written in a
+    fresh process (a parallel ingest's workers), and the stores would not be byte-identical."""
     import zarr
 
     with _PIPELINE_LOCK:  # read while no one holds it: the global value, not another opener's switch
         zarrs = "zarrs" in str(zarr.config.get("codec_pipeline.path"))
-    if not zarrs:  # zarr's own pipeline (no local store switched to zarrs): remote opens run in parallel
+    if not zarrs:  # zarr's own pipeline already (no local store switched to zarrs): nothing to hold
         yield
         return
     with (
