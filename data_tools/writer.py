@@ -58,6 +58,8 @@ def _checked() -> tuple[Any, Any]:
     return ZstdCodec(), Crc32cCodec()
 
 
+# the same bytes in any process (see format.zarr_own_pipeline)
+@fmt.zarr_own_pipeline()
 def write_part(
     part_dir: Path,
     indptr: np.ndarray,
@@ -70,23 +72,6 @@ def write_part(
     dataset: str,
 ) -> tuple[str, str]:
     """Write one shard group (indptr, indices, data, obs codes); returns (indices dtype, data dtype)."""
-    with fmt.zarr_own_pipeline():  # the same bytes in any process (see zarr_own_pipeline)
-        return _write_part(
-            part_dir, indptr, indices, data, obs_codes, value_kind, num_genes, mean_nnz, dataset
-        )
-
-
-def _write_part(
-    part_dir: Path,
-    indptr: np.ndarray,
-    indices: np.ndarray,
-    data: np.ndarray,
-    obs_codes: Mapping[str, np.ndarray],
-    value_kind: str,
-    num_genes: int,
-    mean_nnz: float,
-    dataset: str,
-) -> tuple[str, str]:
     import zarr
 
     num_rows, nnz = len(indptr) - 1, len(data)
