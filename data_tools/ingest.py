@@ -81,6 +81,18 @@ class IngestOptions:
     plan_only: bool = False
     part: str | None = None
 
+    def open_reader(self, path: str) -> InputReader:
+        """A reader of `path` with these options' layer, gene columns and measurement."""
+        return open_input(
+            path,
+            layer=self.layer,
+            use_raw=self.use_raw,
+            gene_column=self.gene_column,
+            ensembl_column=self.ensembl_column,
+            measurement=self.measurement,
+            workdir=self.tmp_dir,
+        )
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sclabel-data ingest", description=__doc__.splitlines()[0])
@@ -310,15 +322,7 @@ def prepare_inputs(
     `scanned`: the inputs' stats when already scanned (the parallel plan scans in several processes).
     """
     for i, (path, name) in enumerate(zip(opts.inputs, names, strict=True)):
-        reader = open_input(
-            path,
-            layer=opts.layer,
-            use_raw=opts.use_raw,
-            gene_column=opts.gene_column,
-            ensembl_column=opts.ensembl_column,
-            measurement=opts.measurement,
-            workdir=opts.tmp_dir,
-        )
+        reader = opts.open_reader(path)
         prepared.append(Prepared(name, reader, None, ""))  # type: ignore[arg-type]
         prepared[-1].obs_present = present_columns(reader, columns, optional)  # fail before any work
         stats = scanned[i] if scanned else scan_input(reader, opts.block_rows, progress=not opts.no_progress)

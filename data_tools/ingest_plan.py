@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from data_tools.ingest import IngestOptions, Prepared, dataset_names, parse_obs_columns, prepare_inputs
-from data_tools.readers import detect_kind, open_input
+from data_tools.readers import detect_kind
 from data_tools.scan import InputStats, merge_stats, scan_input
 from data_tools.shuffle_write import num_buckets
 from data_tools.tempfiles import clean_stale, spill_dir
@@ -159,15 +159,7 @@ def check_fingerprint(out: Path, opts: IngestOptions) -> Plan:
 
 def _scan_range(opts: IngestOptions, path: str, start: int, stop: int) -> InputStats:
     """One process's share of the scan: rows [start, stop) of one input."""
-    reader = open_input(
-        path,
-        layer=opts.layer,
-        use_raw=opts.use_raw,
-        gene_column=opts.gene_column,
-        ensembl_column=opts.ensembl_column,
-        measurement=opts.measurement,
-        workdir=opts.tmp_dir,
-    )
+    reader = opts.open_reader(path)
     try:
         return scan_input(reader, opts.block_rows, progress=False, start=start, stop=stop)
     finally:
@@ -185,7 +177,7 @@ def parallel_scan(opts: IngestOptions, workers: int) -> list[InputStats] | None:
         return None  # a 10x directory is spilled to disk by its reader: one pass, one process
     tasks = []
     for i, path in enumerate(opts.inputs):
-        reader = open_input(path, layer=opts.layer, use_raw=opts.use_raw, measurement=opts.measurement)
+        reader = opts.open_reader(path)
         n = reader.num_rows
         reader.close()
         step = max(opts.block_rows, -(-n // workers // opts.block_rows) * opts.block_rows)
