@@ -68,7 +68,7 @@ def test_append_conditional_commit_and_rerun(store_h5ad: list[Path], s3_bucket: 
 def test_losing_writer_commits_nothing(store_h5ad: list[Path], s3_bucket: str, tmp_path: Path) -> None:
     """Two appends read the same index.json; the one committing second gets the conditional put's 412."""
     from data_tools import remote_store
-    from data_tools.ingest import build_parser
+    from data_tools.ingest import IngestOptions, build_parser
     from data_tools.ingest import ingest as run_ingest
 
     url = f"s3://{s3_bucket}/race"
@@ -84,7 +84,7 @@ def test_losing_writer_commits_nothing(store_h5ad: list[Path], s3_bucket: str, t
             [str(store_h5ad[1]), "-o", url, "--append", "--no-progress", "--dataset-name", "loser"]
         )
         with pytest.raises(SclabelError, match="another writer committed"):
-            run_ingest(args)
+            run_ingest(IngestOptions(**vars(args)))
     finally:
         remote_store.read_index_versioned = real
     assert (as_path(url) / fmt.INDEX_FILE).read_bytes() == before
