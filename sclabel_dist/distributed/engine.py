@@ -129,6 +129,7 @@ def load_checkpoint(engine, root: str | Path, tag: str, universal: bool = False)
     """
     config = engine._config
     config.load_universal_checkpoint = universal
+    groups = _group_hyperparameters(engine.optimizer)
     try:
         with weights_only_loads():
             path, client_state = engine.load_checkpoint(
@@ -138,7 +139,38 @@ def load_checkpoint(engine, root: str | Path, tag: str, universal: bool = False)
         config.load_universal_checkpoint = False
     if path is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {root}")
+    if universal and engine.zero_optimization_stage() == 3:
+        _repair_zero3_universal_load(_inner_optimizer(engine.optimizer), groups)
     return client_state or {}
+
+
+def _repair_zero3_universal_load(optimizer: Any, groups: list[dict[str, Any]]) -> None:
+    """Undo two slips of DeepSpeed's ZeRO-3 universal load (stage3.load_hp_checkpoint_state_from_checkpoint_
+    dir_stage3, deepspeed 0.19.8), each of which made a resumed run drift from the uninterrupted one:
+
+    - every group's state gets the *same* `step` tensor object, and AdamW increments it in place once per
+      group, so each group's bias correction runs ahead after the first resumed step (alone: |dloss| 1.4e-4
+      after 8 steps, 2 -> 1 ranks); each state gets its own copy;
+    - every group gets the saved *first* group's hyperparameters: our no-decay group (biases, norms) came back
+      with the matrices' weight decay (alone: 1.7e-5); the groups' own values (the config's) are put back.
+    With both undone the resumed losses equal the uninterrupted run's (tests/train/test_elastic_resume.py).
+    """
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    for group, saved in zip(optimizer.param_groups, groups, strict=True):
+        group.update(saved)
+
+
+def _inner_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer that holds the param groups (a ZeRO wrapper keeps it as .optimizer)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _group_hyperparameters(optimizer: Any) -> list[dict[str, Any]]:
+    """Each param group's fixed hyperparameters (not its params, nor the LR that the scheduler moves)."""
+    moving = {"params", "lr", "initial_lr"}
+    return [{k: v for k, v in g.items() if k not in moving} for g in _inner_optimizer(optimizer).param_groups]
 
 
 def convert_universal(step_dir: Path, out_dir: Path) -> None:
