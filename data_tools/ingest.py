@@ -80,6 +80,7 @@ class IngestOptions:
     workers: int | None = None
     plan_only: bool = False
     part: str | None = None
+    worker_memory: str | None = None
 
     def open_reader(self, path: str) -> InputReader:
         """A reader of `path` with these options' layer, gene columns and measurement."""
@@ -168,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--part",
         metavar="I/N",
         help="write part I of N of the plan in OUT (same inputs and options as --plan-only); rerun redoes a killed part",
+    )
+    par.add_argument(
+        "--worker-memory",
+        metavar="SIZE",
+        help="memory budget per worker or part, e.g. 800MiB or 2GiB: sets the rows read per block (never the store)",
     )
     return p
 
@@ -350,6 +356,10 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 def ingest(opts: IngestOptions) -> fmt.StoreIndex | None:
     """Run an ingest, holding the store's lock throughout; returns the final index (None: a plan or a part)."""
     try:
+        if opts.worker_memory and not (opts.workers or opts.part):
+            raise SclabelError(
+                "--worker-memory budgets the workers of --workers N or --part I/N (--workers 1: one process)"
+            )
         if opts.workers is not None or opts.plan_only or opts.part:
             from data_tools.ingest_parallel import run
 

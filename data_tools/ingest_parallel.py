@@ -26,6 +26,7 @@ from data_tools.ingest_parts import existing_part_counts, manifest_path, parse_p
 from data_tools.ingest_plan import PLAN_DIR, check_fingerprint, make_plan, plan_dir
 from data_tools.store_lock import StoreLock
 from data_tools.tempfiles import spill_dir
+from data_tools.worker_memory import parse_size_mib
 from sclabel_dist.data import format as fmt
 from sclabel_dist.data.stores.location import as_path, is_remote
 from sclabel_dist.errors import SclabelError
@@ -45,9 +46,10 @@ def run(opts: IngestOptions) -> fmt.StoreIndex | None:
             )
         return _run_remote(opts)
     out = Path(opts.out)
+    budget = parse_size_mib(opts.worker_memory) if opts.worker_memory else None
     if opts.part:
         i, n = parse_part(opts.part)
-        run_part(out, i, n, opts)
+        run_part(out, i, n, opts, memory_mib=budget)
         return None
     with StoreLock(out):
         ensure_plan(opts, out, opts.workers or 1)
@@ -56,7 +58,7 @@ def run(opts: IngestOptions) -> fmt.StoreIndex | None:
                 f"{out}: plan written to {plan_dir(out)}; now run the parts (--part i/N), then `sclabel-data commit {out}`"
             )
             return None
-        run_workers(out, opts.workers or 1, opts.tmp_dir)
+        run_workers(out, opts.workers or 1, opts.tmp_dir, budget)
         index = commit_locked(out)
     print(
         f"{out}: {index.num_rows} cells, {index.num_genes} genes, {index.nnz} non-zeros, {index.num_shards} shards"
@@ -89,26 +91,27 @@ def _leftover(name: str) -> bool:
     return name == fmt.SHARDS_DIR or name.startswith(f".{PLAN_DIR}.tmp-")
 
 
-def _part_main(out: str, i: int, n: int, tmp_dir: str | None) -> None:
+def _part_main(out: str, i: int, n: int, tmp_dir: str | None, memory_mib: int | None) -> None:
     """A spawned worker: one part; a clear one-line error and exit 2 on bad input."""
     try:
-        run_part(Path(out), i, n, tmp_dir=tmp_dir)
+        run_part(Path(out), i, n, tmp_dir=tmp_dir, memory_mib=memory_mib)
     except SclabelError as exc:
         print(f"sclabel-data ingest: part {i}/{n}: error: {exc}", file=sys.stderr)
         sys.exit(2)
 
 
-def run_workers(out: Path, n: int, tmp_dir: str | None = None) -> None:
-    """Write every part of the plan, n spawned processes at once (each: one block plus one shard in memory)."""
+def run_workers(out: Path, n: int, tmp_dir: str | None = None, memory_mib: int | None = None) -> None:
+    """Write every part of the plan, n spawned processes at once (each: one block plus one shard in memory,
+    within `memory_mib` when given: worker_memory.py)."""
     for other in existing_part_counts(out) - {n}:  # a resumed run with another N starts the parts afresh
         for i in range(other):
             manifest_path(out, i, other).unlink(missing_ok=True)
     if n == 1:
-        run_part(out, 0, 1, tmp_dir=tmp_dir)
+        run_part(out, 0, 1, tmp_dir=tmp_dir, memory_mib=memory_mib)
         return
     ctx = multiprocessing.get_context("spawn")
     procs = [
-        ctx.Process(target=_part_main, args=(str(out), i, n, tmp_dir), name=f"ingest-part-{i}")
+        ctx.Process(target=_part_main, args=(str(out), i, n, tmp_dir, memory_mib), name=f"ingest-part-{i}")
         for i in range(n)
     ]
     for p in procs:
@@ -142,7 +145,8 @@ def _run_remote(opts: IngestOptions) -> fmt.StoreIndex:
         staged = dataclasses.replace(opts, out=str(local))
         with StoreLock(local):
             make_plan(staged, local, fmt.read_index(local) if opts.append else None, opts.workers or 1)
-            run_workers(local, opts.workers or 1, opts.tmp_dir)
+            budget = parse_size_mib(opts.worker_memory) if opts.worker_memory else None
+            run_workers(local, opts.workers or 1, opts.tmp_dir, budget)
             commit_locked(local)
         names = [d.name for d in fmt.read_index(local).datasets][-len(opts.inputs) :]
         index = remote_store.publish(

@@ -37,6 +37,7 @@ from data_tools.ingest_plan import (
 from data_tools.part_buffer import PartBuffer, release_freed_memory
 from data_tools.readers import InputReader, open_input
 from data_tools.tempfiles import spill_dir
+from data_tools.worker_memory import block_rows_within, resident_mib
 from data_tools.writer import _encode_categories, checked_block, write_part
 from sclabel_dist.atomic import write_json_atomic
 from sclabel_dist.data import format as fmt
@@ -81,11 +82,17 @@ def existing_part_counts(out: Path) -> set[int]:
 
 
 def run_part(
-    out: Path, i: int, n: int, opts: IngestOptions | None = None, tmp_dir: str | None = None
+    out: Path,
+    i: int,
+    n: int,
+    opts: IngestOptions | None = None,
+    tmp_dir: str | None = None,
+    memory_mib: int | None = None,
 ) -> bool:
     """Write part i of n of the plan in `out`; False when it was already finished (nothing rewritten).
 
-    With `opts` (a --part run) the plan must have been made for the same inputs and options.
+    With `opts` (a --part run) the plan must have been made for the same inputs and options. `memory_mib`: the
+    worker's budget (--worker-memory), which sets the rows read per block (worker_memory.py).
     """
     plan = check_fingerprint(out, opts) if opts is not None else load_plan(out)
     other = existing_part_counts(out) - {n}
@@ -104,12 +111,16 @@ def run_part(
     entries: list[dict] = []
     for d in sorted({s.dataset for s in mine}):
         shards = [s for s in mine if s.dataset == d]
-        entries += _write_dataset_shards(out, plan, d, shards, vocab, tmp_dir or (opts and opts.tmp_dir))
+        entries += _write_dataset_shards(
+            out, plan, d, shards, vocab, tmp_dir or (opts and opts.tmp_dir), f"part {i}/{n}", memory_mib
+        )
     write_json_atomic(manifest, {"part": i, "parts": n, "shards": entries})
     # peak RSS and time per part: what --workers costs per process (benchmarks/atlas_bench.py reads this line)
+    peak = peak_rss_mib()
     print(
         f"{out}: part {i}/{n} written: {len(entries)} shards, {sum(e['num_rows'] for e in entries)} cells "
-        f"in {time.perf_counter() - t0:.1f} s, peak RSS {peak_rss_mib():.0f} MiB"
+        f"in {time.perf_counter() - t0:.1f} s, peak RSS {peak:.0f} MiB"
+        + (f" (budget {memory_mib} MiB{': EXCEEDED' if peak > memory_mib else ''})" if memory_mib else "")
     )
     return True
 
@@ -216,23 +227,43 @@ def _blocks(
 
 
 def _write_dataset_shards(
-    out: Path, plan: Plan, d: int, shards: list[ShardPlan], vocab: GeneVocab, tmp_dir: str | None
+    out: Path,
+    plan: Plan,
+    d: int,
+    shards: list[ShardPlan],
+    vocab: GeneVocab,
+    tmp_dir: str | None,
+    where: str,
+    memory_mib: int | None,
 ) -> list[dict]:
     ds = plan.datasets[d]
     reader = _open(plan, d)
     try:
         match = vocab.match(reader.var_names, reader.ensembl)
         sink = _ShardSink(out, plan, d)
+        block_rows = plan.options["block_rows"]
+        if memory_mib:
+            resident, here = resident_mib(), f"{where}, dataset {ds['name']}"
+            block_rows = block_rows_within(
+                memory_mib, resident, ds["rows_per_shard"], ds["mean_nnz"], ds["shuffled"], block_rows, here
+            )
+            print(
+                f"{here}: {resident:.0f} MiB resident, blocks of {block_rows} rows within --worker-memory "
+                f"{memory_mib} MiB",
+                flush=True,
+            )
         if ds["shuffled"]:
-            _write_shuffled(out, plan, d, shards, reader, match, sink, tmp_dir)
+            _write_shuffled(out, plan, d, shards, reader, match, sink, tmp_dir, block_rows)
         else:
-            _write_in_order(plan, ds, shards, reader, match, sink)
+            _write_in_order(plan, ds, shards, reader, match, sink, block_rows)
         return sink.entries
     finally:
         reader.close()
 
 
-def _write_in_order(plan: Plan, ds: dict, shards: list[ShardPlan], reader, match, sink: _ShardSink) -> None:
+def _write_in_order(
+    plan: Plan, ds: dict, shards: list[ShardPlan], reader, match, sink: _ShardSink, block_rows: int
+) -> None:
     """Unshuffled: the part's rows are one contiguous run of the input; cut it into the planned shards."""
     encode = _encoder(plan, ds)
     buf = PartBuffer(
@@ -245,7 +276,7 @@ def _write_in_order(plan: Plan, ds: dict, shards: list[ShardPlan], reader, match
     todo = iter(shards)
     current = next(todo)
     first, last = shards[0].start, shards[-1].stop
-    for a, block in _blocks(reader, plan.options["block_rows"], first, last):
+    for a, block in _blocks(reader, block_rows, first, last):
         mat = checked_block(remap_csr(block, match), ds["value_kind"], ds["input"], a)
         codes = encode(reader, a, a + mat.shape[0])
         at = 0
@@ -280,6 +311,7 @@ def _write_shuffled(
     match,
     sink: _ShardSink,
     tmp_dir: str | None,
+    block_rows: int,
 ) -> None:
     """Shuffled: stream the whole input, spill the rows of this part's shards per shard, write each in order."""
     ds = plan.datasets[d]
@@ -289,7 +321,7 @@ def _write_shuffled(
     inv = np.memmap(inv_path(out, d), dtype=np.int64, mode="r", shape=(ds["num_rows"],))
     tmp = spill_dir("part-shuffle", tmp_dir)
     try:
-        for a, block in reader.blocks(plan.options["block_rows"]):
+        for a, block in reader.blocks(block_rows):
             pos = np.asarray(inv[a : a + block.shape[0]])
             keep = np.flatnonzero((pos >= lo) & (pos < hi))
             if not len(keep):

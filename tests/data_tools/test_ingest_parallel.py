@@ -283,3 +283,59 @@ def test_a_shard_has_the_same_bytes_whichever_pipeline_a_reader_switched_on(tmp_
         # one write to the next, so one write may match by chance; twenty rarely all do
         after = [written(f"zarrs{i}") for i in range(20)]
     assert all(a == before for a in after)
+
+
+def test_worker_memory_sets_the_block_and_never_the_store(
+    inputs: list[str], serial_store: Path, tmp_path: Path
+) -> None:
+    """A budget that binds reads smaller blocks (the store is still the serial one, byte for byte); a budget
+    that cannot hold one shard is refused before anything is committed, naming the part, dataset and need."""
+    import re
+
+    free = cli(
+        "ingest", *inputs, "-o", str(tmp_path / "free"), *OPTS, "--workers", "2", "--worker-memory", "8GiB"
+    )
+    assert free.returncode == 0, free.stderr
+    said = re.findall(r"dataset synth: (\d+) MiB resident, blocks of (\d+) rows", free.stdout)
+    assert len(said) == 2 and all(int(rows) == 4096 for _, rows in said), (
+        free.stdout
+    )  # not binding: --block-rows
+    # resident + one shard (500 rows x ~600 nnz: ~6 MiB) + 40 MiB: ~3,000 rows of ~14 KiB
+    budget = max(int(r) for r, _ in said) + 46
+    out = tmp_path / "tight"
+    tight = cli("ingest", *inputs, "-o", str(out), *OPTS, "--workers", "2", "--worker-memory", f"{budget}MiB")
+    assert tight.returncode == 0, tight.stderr
+    rows = [
+        int(n) for n in re.findall(r"dataset synth: \d+ MiB resident, blocks of (\d+) rows", tight.stdout)
+    ]
+    assert len(rows) == 2 and all(64 <= n < 4096 for n in rows), tight.stdout
+    assert_same_store(serial_store, out)
+
+    refused = tmp_path / "refused"
+    proc = cli("ingest", *inputs, "-o", str(refused), *OPTS, "--workers", "2", "--worker-memory", "20MiB")
+    assert proc.returncode == 2
+    assert "--worker-memory 20 MiB cannot hold this worker" in proc.stderr and "dataset synth" in proc.stderr
+    assert "give at least" in proc.stderr and "part 0/2" in proc.stderr, proc.stderr
+    assert not (refused / fmt.INDEX_FILE).exists()
+
+
+def test_worker_memory_is_a_size_and_needs_workers(inputs: list[str], tmp_path: Path) -> None:
+    from data_tools.worker_memory import block_rows_within, parse_size_mib
+
+    assert [parse_size_mib(t) for t in ("800MiB", "800M", "2GiB", "1.5g", "700", "512KiB")] == [
+        800,
+        800,
+        2048,
+        1536,
+        700,
+        0,
+    ]
+    # the block grows with the budget up to --block-rows; the shard part is never shrunk
+    rows = [block_rows_within(b, 200, 500, 600, False, 4096, "x") for b in (220, 240, 400)]
+    assert rows[0] < rows[1] < rows[2] == 4096
+    assert block_rows_within(240, 200, 500, 600, True, 4096, "x") < rows[1]  # shuffled parts hold more
+    proc = cli("ingest", inputs[1], "-o", str(tmp_path / "s"), "--worker-memory", "1GiB")
+    assert proc.returncode == 2 and "--worker-memory budgets the workers of --workers N" in proc.stderr
+    proc = cli("ingest", inputs[1], "-o", str(tmp_path / "s"), "--workers", "2", "--worker-memory", "lots")
+    assert proc.returncode == 2 and "--worker-memory 'lots'" in proc.stderr
+    assert not (tmp_path / "s").exists()
