@@ -339,3 +339,29 @@ def test_worker_memory_is_a_size_and_needs_workers(inputs: list[str], tmp_path: 
     proc = cli("ingest", inputs[1], "-o", str(tmp_path / "s"), "--workers", "2", "--worker-memory", "lots")
     assert proc.returncode == 2 and "--worker-memory 'lots'" in proc.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_the_slurm_array_script_writes_the_serial_store(
+    inputs: list[str], serial_store: Path, tmp_path: Path
+) -> None:
+    """launch/slurm_ingest.sbatch as two array tasks (run here one after the other, with SLURM's variables)."""
+    script = Path(__file__).resolve().parents[2] / "launch" / "slurm_ingest.sbatch"
+    out = tmp_path / "slurm"
+    said = []
+    for task in ("0", "1"):
+        env = dict(
+            os.environ,
+            OUT=str(out),
+            INPUTS=" ".join(inputs),
+            ARGS=" ".join(OPTS[:-1]),  # --no-progress: the script adds it
+            PYTHON=sys.executable,
+            SLURM_ARRAY_TASK_ID=task,
+            SLURM_ARRAY_TASK_COUNT="2",
+            SLURM_MEM_PER_NODE="4096",
+        )
+        proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        said.append(proc.stdout)
+    assert "commit left to the task that finishes last" in said[0] and "is committed" in said[1]
+    assert "within --worker-memory 3686 MiB" in said[0]  # 90% of the task's --mem
+    assert_same_store(serial_store, out)
