@@ -81,6 +81,7 @@ class IngestOptions:
     plan_only: bool = False
     part: str | None = None
     worker_memory: str | None = None
+    stage: str | None = None
 
     def open_reader(self, path: str) -> InputReader:
         """A reader of `path` with these options' layer, gene columns and measurement."""
@@ -169,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--part",
         metavar="I/N",
         help="write part I of N of the plan in OUT (same inputs and options as --plan-only); rerun redoes a killed part",
+    )
+    par.add_argument(
+        "--stage",
+        metavar="DIR",
+        help="s3:// output with --plan-only / --part: build the store here (every task sees it); commit DIR publishes it",
     )
     par.add_argument(
         "--worker-memory",

@@ -131,14 +131,26 @@ def _remove_unreferenced(dataset_dir: Path, live: set[str]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sclabel-data commit", description=__doc__.splitlines()[0])
-    p.add_argument("out", help="the output directory of `sclabel-data ingest --plan-only` and its parts")
+    p.add_argument(
+        "out", help="the output directory (or --stage) of `sclabel-data ingest --plan-only` and its parts"
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from data_tools.ingest_stage import publish_staged, publish_target
+
     args = build_parser().parse_args(argv)
     index = commit(args.out)
-    if index is None:
+    target = publish_target(Path(args.out))
+    if target is not None:  # a stage of an s3:// output (--plan-only --stage): publish what was committed
+        with StoreLock(Path(args.out)):
+            index = publish_staged(Path(args.out), target)
+        if index is None:
+            print(f"{args.out}: already published to {target['to']}; nothing to do")
+            return 0
+        print(f"{args.out}: published to {target['to']}")
+    elif index is None:
         print(f"{args.out}: nothing to commit: no ingest plan there, and the store is committed")
         return 0
     print(

@@ -7,8 +7,8 @@
 The store is the serial ingest's, byte for byte, for any N (ingest_plan.py says why). A rerun of the same
 command resumes: the plan is reused when made for the same inputs and options, finished parts are kept.
 An s3:// output is built by --workers in a local staging store, then uploaded and committed by
-remote_store.publish like the serial path; --plan-only / --part need a filesystem all parts see (local or a
-cluster filesystem), not object storage.
+remote_store.publish like the serial path; --plan-only / --part into s3:// build it in --stage DIR, a
+filesystem all parts see, and `commit DIR` publishes it (ingest_stage.py).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from data_tools.ingest import IngestOptions
 from data_tools.ingest_commit import commit_locked
 from data_tools.ingest_parts import existing_part_counts, manifest_path, parse_part, peak_rss_mib, run_part
 from data_tools.ingest_plan import PLAN_DIR, check_fingerprint, make_plan, plan_dir
+from data_tools.ingest_stage import PUBLISH_FILE, check_stage_option, plan_staged
 from data_tools.store_lock import StoreLock
 from data_tools.tempfiles import spill_dir
 from data_tools.worker_memory import parse_size_mib
@@ -38,15 +39,19 @@ def run(opts: IngestOptions) -> fmt.StoreIndex | None:
         raise SclabelError(
             "--overwrite applies to the serial ingest; remove the store first to ingest in parallel"
         )
-    if is_remote(opts.out):
-        if opts.plan_only or opts.part:
-            raise SclabelError(
-                f"{opts.out}: --plan-only/--part write parts to a shared filesystem; for an s3:// output use "
-                "--workers N (staged locally, then uploaded and committed)"
-            )
-        return _run_remote(opts)
-    out = Path(opts.out)
     budget = parse_size_mib(opts.worker_memory) if opts.worker_memory else None
+    if is_remote(opts.out):
+        check_stage_option(opts)
+        if opts.part:  # the plan and the parts live in the stage until `commit STAGE` publishes them
+            run_part(Path(opts.stage), *parse_part(opts.part), opts, memory_mib=budget)
+            return None
+        if opts.plan_only:
+            plan_staged(opts)
+            return None
+        return _run_remote(opts)
+    if opts.stage:
+        raise SclabelError(f"{opts.out}: --stage is for s3:// outputs; a local output is its own stage")
+    out = Path(opts.out)
     if opts.part:
         i, n = parse_part(opts.part)
         run_part(out, i, n, opts, memory_mib=budget)
@@ -88,7 +93,7 @@ def ensure_plan(opts: IngestOptions, out: Path, workers: int = 1) -> None:
 
 def _leftover(name: str) -> bool:
     """What a killed plan or part leaves in a new store's directory (resumable, not foreign)."""
-    return name == fmt.SHARDS_DIR or name.startswith(f".{PLAN_DIR}.tmp-")
+    return name in (fmt.SHARDS_DIR, PUBLISH_FILE) or name.startswith(f".{PLAN_DIR}.tmp-")
 
 
 def _part_main(out: str, i: int, n: int, tmp_dir: str | None, memory_mib: int | None) -> None:
