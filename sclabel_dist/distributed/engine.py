@@ -178,6 +178,9 @@ def convert_universal(step_dir: Path, out_dir: Path) -> None:
 
     inject_missing_state: a plain (non-Megatron) model's ZeRO-1/2 checkpoint lacks the universal-checkpoint
     info that the converter asserts on; it is only a version marker, added in memory (the input is not edited).
+    The converter also writes a `latest_universal` pointer beside `out_dir`, which here is inside the step
+    directory: removed, or the step would no longer match its SHA256SUMS and a second resume from it would
+    refuse it.
     """
     from argparse import Namespace
 
@@ -192,8 +195,14 @@ def convert_universal(step_dir: Path, out_dir: Path) -> None:
         strict=True,
         inject_missing_state=True,
     )
-    with weights_only_loads():
-        ds_to_universal(args)
+    pointer = Path(out_dir).parent / "latest_universal"
+    ours = not pointer.exists()
+    try:
+        with weights_only_loads():
+            ds_to_universal(args)
+    finally:
+        if ours:
+            pointer.unlink(missing_ok=True)
 
 
 def consolidate_checkpoint(root: str | Path, tag: str) -> dict[str, torch.Tensor]:

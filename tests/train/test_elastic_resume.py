@@ -65,6 +65,7 @@ def resume_elsewhere(run_dirs, common, ref, source, zero: int, nproc: int, exact
     proc = torchrun([*common, *dirs, f"--checkpoint.resume={source}", "--checkpoint.every=100"], nproc=nproc)
     assert f"world size 2 -> {nproc}: keeping 32 cells per step" in proc.stdout, proc.stdout[-2000:]
     assert is_complete(source / UNIVERSAL) and verify_checkpoint(source / UNIVERSAL) == []
+    assert verify_checkpoint(source) == []  # the conversion left the step as saved: it can be resumed again
     got = read_metrics(root / "logs")
     assert [r["step"] for r in got] == list(range(AT + 1, STEPS + 1))
     # the same epoch continues on the new ranks: one global batch per step, nothing skipped or repeated
