@@ -4,8 +4,7 @@ A worker holds what it has imported and opened (measured: its resident memory wh
 shard part (fixed by the plan's rows per shard: the store's layout, never changed by a budget) and one read
 block. Only the block is free to shrink, and shrinking it changes no byte of the store (shards are cut by row,
 not by block), so the budget sets the block's rows and refuses, naming what it needs, a budget that cannot
-hold one part. The per-non-zero costs below are the copies each holds at its peak, checked against measured
-peak RSS in benchmarks/RESULTS.md (Parallel ingest).
+hold one part. Each part reports its measured peak against the budget.
 """
 
 from __future__ import annotations
@@ -15,12 +14,14 @@ import re
 
 from sclabel_dist.errors import SclabelError
 
-# bytes per stored non-zero: the part buffer (int32 index + 32-bit value, 1.25x headroom) and the narrowed
-# copy write_part encodes from; shuffled, the part is rebuilt from its spill and reordered (one more copy)
-PART_BYTES_PER_NNZ = 20
-SHUFFLED_PART_BYTES_PER_NNZ = 28
-# bytes per non-zero of a read block: the reader's CSR, the copy remapped to the vocabulary, the checked one
-BLOCK_BYTES_PER_NNZ = 24
+# Bytes per non-zero, fitted to measured peaks (benchmarks/RESULTS.md, Parallel ingest: a 200k-cell .h5ad of
+# ~1,000 non-zeros per cell, 2 workers, blocks of 2,300 and 4,096 rows). A part: its reused buffer (int32
+# index + 32-bit value) and the narrowed copy write_part encodes from. Shuffled, the part is rebuilt from its
+# spill and reordered: one more copy. A block: the reader's arrays, the CSR built from them, its copy remapped
+# to the vocabulary, the checked one and the freed-but-held holes between them (~70 B, not the 8 B it stores).
+PART_BYTES_PER_NNZ = 16
+SHUFFLED_PART_BYTES_PER_NNZ = 32
+BLOCK_BYTES_PER_NNZ = 72
 MIN_BLOCK_ROWS = 64
 _UNITS = {"": 1, "k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
 
