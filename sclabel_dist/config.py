@@ -143,6 +143,10 @@ class ModelConfig:
         1.0,
         "weight of a contrastive loss between the cell embeddings of two views of each cell (0 = MLM only)",
     )
+    contrastive_across_ranks: bool = doc(
+        False,
+        "contrastive negatives: every rank's cells of the micro-batch (all_gather), not only this rank's",
+    )
 
     def validate(self) -> None:
         check_choices("model", self)

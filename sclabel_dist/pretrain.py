@@ -141,7 +141,9 @@ def main(argv: list[str] | None = None, after_step: Callable[[int], None] | None
             timer.tokens += host_batch.num_tokens  # counted on the host for the same reason
             batch = host_batch.to(device, non_blocking=True)
             out = engine(batch.gene_ids, batch.values, batch.attention_mask, batch.masked, bag=batch.bag)
-            loss, acc = mlm_loss(out, batch, model_args.contrastive, denominator)
+            loss, acc = mlm_loss(
+                out, batch, model_args.contrastive, denominator, cfg.model.contrastive_across_ranks
+            )
             engine.backward(loss)
             engine.step()
             loss_sum += torch.stack([loss.detach().float(), acc.float()])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -266,7 +267,11 @@ def _init_weights(m: nn.Module) -> None:
 
 
 def mlm_loss(
-    output: ModelOutput, batch, contrastive: float = 0.0, denominator: float | None = None
+    output: ModelOutput,
+    batch,
+    contrastive: float = 0.0,
+    denominator: float | None = None,
+    across_ranks: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, masked-value accuracy) over the masked positions of `batch` (a CellBatch).
 
@@ -279,25 +284,64 @@ def mlm_loss(
     denominator: divide the masked tokens' summed loss and hits by this instead of their count in `batch`
     (the world-size-invariant step: the step's masked tokens over all ranks and micro-batches, per
     micro-batch, so that every masked token of a step weighs the same however the step is split).
+    across_ranks: the contrastive negatives are every rank's cells (see `info_nce`).
     """
     loss, acc = _masked_value_loss(output.mlm, batch, denominator)
     if output.mvc is not None:
         loss = loss + _masked_value_loss(output.mvc, batch, denominator)[0]
     if output.views is not None:
-        loss = loss + contrastive * info_nce(output.views[0], output.views[1])
+        loss = loss + contrastive * info_nce(output.views[0], output.views[1], across_ranks=across_ranks)
     return loss, acc
 
 
-def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+def info_nce(
+    a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1, across_ranks: bool = False
+) -> torch.Tensor:
     """Symmetric InfoNCE (SimCLR's NT-Xent over pairs): row i of `a` should pick row i of `b` among the batch.
 
-    The other cells of the (per-rank) batch are the negatives; the uniformity this forces on the cell
-    embedding is what keeps it from collapsing to the few directions MLM needs.
+    The other cells of the batch are the negatives; the uniformity this forces on the cell embedding is what
+    keeps it from collapsing to the few directions MLM needs. across_ranks: the batch is every rank's cells
+    (gathered with gradients, as CLIP and SimCLR do at scale), so a rank's cells meet W x B - 1 negatives.
     """
     a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
-    logits = a @ b.T / temperature
-    target = torch.arange(len(a), device=a.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    offset = 0
+    if across_ranks and dist.is_initialized() and dist.get_world_size() > 1:
+        all_a, offset = _gather_rows(a)
+        all_b, _ = _gather_rows(b)
+    else:
+        all_a, all_b = a, b
+    target = torch.arange(len(a), device=a.device) + offset
+    return 0.5 * (
+        F.cross_entropy(a @ all_b.T / temperature, target)
+        + F.cross_entropy(b @ all_a.T / temperature, target)
+    )
+
+
+def _gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(Every rank's rows of `x` stacked in rank order, where this rank's start); gradients flow back to each
+    rank's own rows. Ranks may hold different numbers of rows (a short last batch): padded for the collective."""
+    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([len(x)], device=x.device))
+    sizes = [int(c) for c in counts]
+    padded = F.pad(x, (0, 0, 0, max(sizes) - len(x)))
+    parts = _AllGather.apply(padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)]), sum(sizes[: dist.get_rank()])
+
+
+class _AllGather(torch.autograd.Function):
+    """all_gather whose backward hands each rank the gradient of every rank's loss for its own rows (summed)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+        grad = torch.stack(grads).contiguous()
+        dist.all_reduce(grad)
+        return grad[dist.get_rank()]
 
 
 def _masked_value_loss(
