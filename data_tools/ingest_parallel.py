@@ -24,7 +24,7 @@ from data_tools.ingest import IngestOptions
 from data_tools.ingest_commit import commit_locked
 from data_tools.ingest_parts import existing_part_counts, manifest_path, parse_part, peak_rss_mib, run_part
 from data_tools.ingest_plan import PLAN_DIR, check_fingerprint, make_plan, plan_dir
-from data_tools.ingest_stage import PUBLISH_FILE, check_stage_option, plan_staged
+from data_tools.ingest_stage import PUBLISH_FILE, check_stage_option, plan_staged, seed_stage
 from data_tools.store_lock import StoreLock
 from data_tools.tempfiles import spill_dir
 from data_tools.worker_memory import parse_size_mib
@@ -140,13 +140,7 @@ def _run_remote(opts: IngestOptions) -> fmt.StoreIndex:
     work = spill_dir("s3stage", opts.tmp_dir)
     local = work / "store"
     try:
-        if opts.append:
-            index, version = remote_store.read_index_versioned(out)
-            (local / fmt.SHARDS_DIR).mkdir(parents=True)
-            fmt.write_index(local, index)
-            (local / fmt.VOCAB_FILE).write_bytes((out / fmt.VOCAB_FILE).read_bytes())
-        else:
-            version = remote_store.check_target(out, overwrite=False)
+        version = seed_stage(out, local, opts.append)
         staged = dataclasses.replace(opts, out=str(local))
         with StoreLock(local):
             make_plan(staged, local, fmt.read_index(local) if opts.append else None, opts.workers or 1)

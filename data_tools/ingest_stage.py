@@ -36,13 +36,7 @@ def plan_staged(opts: IngestOptions) -> None:
     with StoreLock(stage):
         target = stage / PUBLISH_FILE
         if not target.is_file():
-            if opts.append:
-                index, version = remote_store.read_index_versioned(out)
-                (stage / fmt.SHARDS_DIR).mkdir(exist_ok=True)
-                fmt.write_index(stage, index)
-                (stage / fmt.VOCAB_FILE).write_bytes((out / fmt.VOCAB_FILE).read_bytes())
-            else:
-                version = remote_store.check_target(out, overwrite=False)
+            version = seed_stage(out, stage, opts.append)
         staged = dataclasses.replace(opts, out=str(stage))
         ensure_plan(staged, stage, 1)
         if not target.is_file():
@@ -55,6 +49,19 @@ def plan_staged(opts: IngestOptions) -> None:
         f"{stage}: plan for {opts.out} written; now run the parts (--part i/N --stage {stage}), then "
         f"`sclabel-data commit {stage}`"
     )
+
+
+def seed_stage(out: S3Path, stage: Path, append: bool) -> dict | None:
+    """Ready `stage` to build a store bound for `out`; the version of out's index.json that the publish must
+    still find (None: a new store, created only where none exists). An append copies out's index and
+    vocabulary into the stage, for the plan to extend."""
+    if not append:
+        return remote_store.check_target(out, overwrite=False)
+    index, version = remote_store.read_index_versioned(out)
+    (stage / fmt.SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+    fmt.write_index(stage, index)
+    (stage / fmt.VOCAB_FILE).write_bytes((out / fmt.VOCAB_FILE).read_bytes())
+    return version
 
 
 def publish_target(stage: Path) -> dict | None:
