@@ -4,7 +4,8 @@ Real cells replicated: pbmc_facs_zheng (../shared/data) is split 70/30 (stratifi
 bundle (fresh weights, `sclabel init-bundle`) are fine-tuned briefly on the 70%, CellTypist (SGD logistic
 regression, log1p CP10k, all genes) is trained on the same 70%, and both annotate the 30% replicated to N
 cells (an .h5ad written block by block). Accuracy is over the N cells (= the test cells' accuracy).
-Peak RSS is the largest sum of the resident memory of the command's whole process tree (sampled 10x/s).
+Peak RSS is the largest sum of the resident memory of the command's whole process tree (sampled 10x/s); the rows
+also give the largest peak of one process in it (under torchrun: a rank).
 `--methods embed` adds `sclabel embed` (the debug flavour's pretrained bundle, i.e. `init-bundle`'s) over the
 same cells.
 
@@ -79,14 +80,16 @@ def write_replicated(src, rows: np.ndarray, n: int, path: Path) -> None:
     assert ad.read_h5ad(path, backed="r").shape == (n, X.shape[1])
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
-    """(seconds, peak RSS of the whole process tree in GB, stdout) of a command."""
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, str, float]:
+    """(seconds, peak RSS of the whole process tree in GB, stdout, the largest peak RSS of one process in
+    the tree in GB: a rank's under torchrun) of a command."""
     import psutil
 
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     root = psutil.Process(proc.pid)
     peak = 0
+    per_process: dict[int, int] = {}
     out_lines: list[str] = []
     import threading
 
@@ -97,7 +100,9 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float,
         try:
             for p in [root, *root.children(recursive=True)]:
                 with contextlib.suppress(psutil.Error):
-                    total += p.memory_info().rss
+                    rss = p.memory_info().rss
+                    total += rss
+                    per_process[p.pid] = max(per_process.get(p.pid, 0), rss)
         except psutil.Error:
             pass
         peak = max(peak, total)
@@ -107,7 +112,7 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float,
     text = "".join(out_lines)
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd} failed:\n{text[-3000:]}")
-    return seconds, peak / 1e9, text
+    return seconds, peak / 1e9, text, max(per_process.values(), default=0) / 1e9
 
 
 def sclabel(*args: str) -> list[str]:
@@ -306,10 +311,11 @@ def main() -> int:
                         module = "sclabel_dist.predict" if phase == "sclabel" else "sclabel_dist.embed"
                         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                                "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", module, *flags]  # fmt: skip
-                    seconds, rss, text = run_measured(cmd, env)
+                    seconds, rss, text, rss_one = run_measured(cmd, env)
                     row = {
                         "method": method, "cells": n, "procs": nproc, "seconds": round(seconds, 1),
                         "cells_per_s": round(n / seconds), "peak_rss_gb": round(rss, 2),
+                        "peak_rss_one_process_gb": round(rss_one, 2),
                         "accuracy": round(accuracy_of_table(out, truth), 4) if phase == "sclabel" else None,
                         "inference_line": next((ln for ln in text.splitlines() if ln.startswith("inference:")), ""),
                         "start": before, "end": machine_state(),
@@ -320,7 +326,7 @@ def main() -> int:
                 continue
             progress = work / f"celltypist_{n}_parts" / "runs.json"
             before = machine_state()
-            seconds, rss, text = run_measured(
+            seconds, rss, text, _ = run_measured(
                 [sys.executable, __file__, "--work", str(work), "--celltypist-child", str(data), str(n),
                  "--celltypist-budget", str(args.celltypist_budget)]
             )  # fmt: skip
