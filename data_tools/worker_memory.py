@@ -19,7 +19,7 @@ from sclabel_dist.errors import SclabelError
 # index + 32-bit value) and the narrowed copy write_part encodes from. Shuffled, the part is rebuilt from its
 # spill and reordered: one more copy. A block: the reader's arrays, the CSR built from them, its copy remapped
 # to the vocabulary, the checked one and the freed-but-held holes between them (~70 B, not the 8 B it stores).
-PART_BYTES_PER_NNZ = 16
+PART_BYTES_PER_NNZ = 18
 SHUFFLED_PART_BYTES_PER_NNZ = 32
 BLOCK_BYTES_PER_NNZ = 72
 MIN_BLOCK_ROWS = 64
