@@ -144,12 +144,21 @@ class ZarrCellStore:
         indptr = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(lengths, out=indptr[1:])
         if all(isinstance(self._arrays[s][0], ShardedArray) for s, _, _ in slices):
+            # rows scattered over a chunk (the elastic order's slices) are read as one span per chunk run:
+            # a partial read decodes its whole chunk, so one read per row decoded each chunk dozens of times
+            covers = [
+                coalesce(slices, [self._arrays[s][k].chunk for s in range(len(self._arrays))]) for k in (0, 1)
+            ]
+            requests = [(self._arrays[s][k], lo, hi) for k in (0, 1) for s, lo, hi, _ in covers[k]]
             fetched = None
             if self.remote:  # every byte range of the window requested at once, then decoded
-                fetched = fetch_remote([(a, lo, hi) for s, lo, hi in slices for a in self._arrays[s]])
+                fetched = fetch_remote(requests)
             else:
-                self._will_need(slices)
-            indices, data = (self._read_direct(slices, k, int(indptr[-1]), fetched) for k in (0, 1))
+                for array, lo, hi in requests:
+                    array.will_need(lo, hi)
+            indices, data = (
+                self._read_direct(slices, covers[k], k, int(indptr[-1]), fetched) for k in (0, 1)
+            )
         else:
             parts = _gather([(self._arrays[s][k], lo, hi) for s, lo, hi in slices for k in (0, 1)])
             # Native dtypes (uint16 genes, uint8/uint16 counts) are kept: a cast would cost a pass per block.
@@ -157,29 +166,30 @@ class ZarrCellStore:
             data = np.concatenate(parts[1::2])
         return CSRBlock(indptr, indices, data, lognorm_flags(self._kinds, rows), self.num_genes)
 
-    def _will_need(self, slices: list[tuple[int, int, int]]) -> None:
-        """Queue the reads of every slice before decoding the first: on a cold page cache the disk then works
-        on all of them at once while this thread decodes, instead of one blocking pread at a time."""
-        for s, lo, hi in slices:
-            for array in self._arrays[s]:
-                array.will_need(lo, hi)
-
     def _read_direct(
-        self, slices: list[tuple[int, int, int]], k: int, total: int, fetched: dict | None = None
+        self,
+        slices: list[tuple[int, int, int]],
+        covers: list[tuple[int, int, int, list[int]]],
+        k: int,
+        total: int,
+        fetched: dict | None = None,
     ) -> np.ndarray:
-        """Array k (0 indices, 1 data) over the element slices, decoded into one array (dtypes promoted)."""
-        arrays = [self._arrays[s][k] for s, _, _ in slices]
-        out = np.empty(total, dtype=np.result_type(*{a.dtype for a in arrays}))
-        at = 0
-        for a, (_, lo, hi) in zip(arrays, slices, strict=True):
-            dst = out[at : at + hi - lo]
-            if a.dtype == out.dtype:
-                a.read_into(lo, hi, dst, fetched)
-            else:  # shards of different value dtypes (uint8 and uint16 counts, say) in one block
-                tmp = np.empty(hi - lo, dtype=a.dtype)
-                a.read_into(lo, hi, tmp, fetched)
-                dst[:] = tmp
-            at += hi - lo
+        """Array k (0 indices, 1 data) over the element slices, decoded into one array (dtypes promoted);
+        each cover (coalesce) is decoded once and its slices copied out."""
+        out = np.empty(total, dtype=np.result_type(*{self._arrays[s][k].dtype for s, _, _ in slices}))
+        at = np.concatenate([[0], np.cumsum([hi - lo for _, lo, hi in slices])]).tolist()
+        for s, lo, hi, members in covers:
+            array = self._arrays[s][k]
+            if len(members) == 1 and array.dtype == out.dtype:
+                array.read_into(lo, hi, out[at[members[0]] : at[members[0]] + hi - lo], fetched)
+                continue
+            span = np.empty(
+                hi - lo, dtype=array.dtype
+            )  # several slices, or another dtype (uint8/uint16 counts)
+            array.read_into(lo, hi, span, fetched)
+            for m in members:
+                _, mlo, mhi = slices[m]
+                out[at[m] : at[m] + mhi - mlo] = span[mlo - lo : mhi - lo]
         return out
 
     def obs_values(self, column: str) -> np.ndarray:
@@ -200,6 +210,23 @@ class ZarrCellStore:
 
     def close(self) -> None:
         self._arrays.clear()
+
+
+def coalesce(slices: list[tuple[int, int, int]], chunk: list[int]) -> list[tuple[int, int, int, list[int]]]:
+    """(shard, lo, hi, members): sorted element slices joined where the next one starts in the chunk the
+    previous one ends in (chunk[shard] elements a chunk), so no chunk is decoded twice and none is decoded
+    that no slice needs; members are the indices of the slices each span covers."""
+    covers: list[list] = []
+    for i, (s, lo, hi) in enumerate(slices):
+        if covers:
+            last = covers[-1]
+            cs, clo, chi = last[:3]
+            if cs == s and chi > clo and hi > lo and lo // chunk[s] <= (chi - 1) // chunk[s]:
+                last[2] = max(chi, hi)
+                last[3].append(i)
+                continue
+        covers.append([s, lo, hi, [i]])
+    return [(s, lo, hi, members) for s, lo, hi, members in covers]
 
 
 def _gather(requests: list[tuple[Any, int, int]]) -> list[np.ndarray]:
