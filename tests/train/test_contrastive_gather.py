@@ -34,7 +34,7 @@ def _rank(rank: int, tmp: str) -> None:
 
 def test_negatives_from_every_rank_give_the_one_process_loss_and_gradients(tmp_path) -> None:
     mp.start_processes(_rank, args=(str(tmp_path),), nprocs=2, start_method="spawn")
-    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     a, b = (t.clone().requires_grad_() for t in _cells())
     logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / 0.1
