@@ -18,7 +18,7 @@ from pathlib import Path
 import zarr
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loader_bench import measure  # noqa: E402
+from bench_measure import measure  # noqa: E402
 
 zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
 
@@ -52,7 +52,7 @@ def run(collection: str, warmup: int, batches: int, repeats: int) -> dict:
         while True:
             yield from loader
 
-    # The same timing and per-repeat records as ours (loader_bench.measure: stdlib only, so it imports here).
+    # The same timing and per-repeat records as ours (bench_measure.measure: stdlib only, so it imports here).
     return measure(lambda: forever(), warmup, batches, repeats, lambda b: b["X"].shape[0], t0=t0)
 
 
