@@ -20,7 +20,7 @@ from sclabel_dist.bundle import load_bundle
 from sclabel_dist.checkpoint import find_verified_resume, load_checkpoint, read_state, save_checkpoint
 from sclabel_dist.config import PretrainConfig, to_dict
 from sclabel_dist.config_cli import add_config_options, load_from_args
-from sclabel_dist.data.stores import location
+from sclabel_dist.data.stores import import_soma_in_background, location
 from sclabel_dist.distributed.ds_config import build_deepspeed_config, rescale_batch
 from sclabel_dist.distributed.env import prepare_process, read_dist_env
 from sclabel_dist.distributed.lifeline import die_with_parent
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None, after_step: Callable[[int], None] | None
     # -- config ---------------------------------------------------------------------------------------------
     cfg = parse_args(argv)
     tc = cfg.train
+    import_soma_in_background(list(cfg.data.stores))
 
     # -- processes: DS_ACCELERATOR=cpu + gloo without a GPU; deepspeed is imported only after that -----------
     env = read_dist_env()
