@@ -14,6 +14,7 @@ byte range of its rows at once (sharded.fetch_remote) and then decodes; the load
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -147,7 +148,8 @@ class ZarrCellStore:
             # rows scattered over a chunk (the elastic order's slices) are read as one span per chunk run:
             # a partial read decodes its whole chunk, so one read per row decoded each chunk dozens of times
             covers = [
-                coalesce(slices, [self._arrays[s][k].chunk for s in range(len(self._arrays))]) for k in (0, 1)
+                coalesce(slices, {s: self._arrays[s][k].chunk for s in {s for s, _, _ in slices}})
+                for k in (0, 1)
             ]
             requests = [(self._arrays[s][k], lo, hi) for k in (0, 1) for s, lo, hi, _ in covers[k]]
             fetched = None
@@ -212,7 +214,9 @@ class ZarrCellStore:
         self._arrays.clear()
 
 
-def coalesce(slices: list[tuple[int, int, int]], chunk: list[int]) -> list[tuple[int, int, int, list[int]]]:
+def coalesce(
+    slices: list[tuple[int, int, int]], chunk: Mapping[int, int] | Sequence[int]
+) -> list[tuple[int, int, int, list[int]]]:
     """(shard, lo, hi, members): sorted element slices joined where the next one starts in the chunk the
     previous one ends in (chunk[shard] elements a chunk), so no chunk is decoded twice and none is decoded
     that no slice needs; members are the indices of the slices each span covers."""
