@@ -48,7 +48,7 @@ def run(opts: IngestOptions) -> fmt.StoreIndex | None:
         if opts.plan_only:
             plan_staged(opts)
             return None
-        return _run_remote(opts)
+        return _run_remote(opts, budget)
     if opts.stage:
         raise SclabelError(f"{opts.out}: --stage is for s3:// outputs; a local output is its own stage")
     out = Path(opts.out)
@@ -132,7 +132,7 @@ def run_workers(out: Path, n: int, tmp_dir: str | None = None, memory_mib: int |
         )
 
 
-def _run_remote(opts: IngestOptions) -> fmt.StoreIndex:
+def _run_remote(opts: IngestOptions, memory_mib: int | None) -> fmt.StoreIndex:
     """--workers into s3://: the parallel ingest into a local staging store, then remote_store.publish."""
     import dataclasses
 
@@ -144,8 +144,7 @@ def _run_remote(opts: IngestOptions) -> fmt.StoreIndex:
         staged = dataclasses.replace(opts, out=str(local))
         with StoreLock(local):
             make_plan(staged, local, fmt.read_index(local) if opts.append else None, opts.workers or 1)
-            budget = parse_size_mib(opts.worker_memory) if opts.worker_memory else None
-            run_workers(local, opts.workers or 1, opts.tmp_dir, budget)
+            run_workers(local, opts.workers or 1, opts.tmp_dir, memory_mib)
             commit_locked(local)
         names = [d.name for d in fmt.read_index(local).datasets][-len(opts.inputs) :]
         index = remote_store.publish(

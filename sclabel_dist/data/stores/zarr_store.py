@@ -185,9 +185,8 @@ class ZarrCellStore:
             if len(members) == 1 and array.dtype == out.dtype:
                 array.read_into(lo, hi, out[at[members[0]] : at[members[0]] + hi - lo], fetched)
                 continue
-            span = np.empty(
-                hi - lo, dtype=array.dtype
-            )  # several slices, or another dtype (uint8/uint16 counts)
+            # several slices in one span, or a shard of another dtype (uint8 and uint16 counts in one block)
+            span = np.empty(hi - lo, dtype=array.dtype)
             array.read_into(lo, hi, span, fetched)
             for m in members:
                 _, mlo, mhi = slices[m]
