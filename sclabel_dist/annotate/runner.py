@@ -35,6 +35,7 @@ class Job:
     warn_input_genes: float = 0.9
     min_input_genes: float = 0.7
     device: str | None = None
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 elsewhere; "fp32"; "bf16" on any device
     overwrite: bool = False
     in_memory: bool = False
     table: Path | None = None
@@ -177,6 +178,7 @@ def _run(job: Job, env: Any, dist: Any, torch: Any) -> int:
     else:
         device = torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
     model.to(device)
+    bf16 = job.precision == "bf16" or (job.precision == "auto" and device.type == "cuda")
 
     source = open_source(job.data, bundle.vocab, layer=job.layer, in_memory=job.in_memory)
     try:
@@ -229,6 +231,7 @@ def _run(job: Job, env: Any, dist: Any, torch: Any) -> int:
             "layer": job.layer,
             "in_memory": job.in_memory,
             "block_size": job.block_size,
+            "bf16": bf16,  # parts of a killed run are kept only when computed at the same precision
             "world_size": env.world_size,
             "num_cells": n,
         }
@@ -243,6 +246,7 @@ def _run(job: Job, env: Any, dist: Any, torch: Any) -> int:
                 genes=genes,
                 batch_size=job.batch_size,
                 device=device,
+                bf16=bf16,
                 want_probs=classes is not None,
             )
             ranges = block_ranges(start, stop, job.block_size)

@@ -94,6 +94,7 @@ class InferenceSettings:
     batch_size: int
     device: torch.device
     want_probs: bool
+    bf16: bool = False  # bf16 autocast on settings.device (probabilities and embeddings stay float32)
 
 
 def infer_block(model: torch.nn.Module, block: Any, s: InferenceSettings) -> dict[str, np.ndarray]:
@@ -102,10 +103,9 @@ def infer_block(model: torch.nn.Module, block: Any, s: InferenceSettings) -> dic
     from sclabel_dist.annotate.inference import run_model
 
     X = classifier_input(block.X, block.value_kind, s.genes)
-    # bf16 autocast on a GPU (its tensor cores; probabilities and embeddings come back as float32); exact
-    # float32 on CPU. run_model batches cells of similar length together and masks the rest as padding.
-    cuda = s.device.type == "cuda"
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+    # bf16 autocast where asked (a GPU's tensor cores by default; a CPU's AMX units on request), exact float32
+    # otherwise. run_model batches cells of similar length together and masks the rest as padding.
+    with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.bf16):
         emb, prob = run_model(model, X, s.tok_cfg, "lognorm", batch_size=s.batch_size, device=s.device)
     out = {"names": block.names.astype(str), "embedding": emb.astype(np.float32)}
     if s.want_probs:

@@ -79,6 +79,25 @@ def test_block_size_and_backed_vs_in_memory_give_the_same_results(finetuned, unl
     same_results(first, table(tmp_path / "layer.parquet"))
 
 
+def test_bf16_on_cpu_gives_float32_outputs_close_to_fp32(finetuned, unlabelled, tmp_path):
+    """--precision bf16 runs the model under CPU autocast: the outputs stay float32 and near the exact ones
+    (bf16 keeps 8 bits of mantissa); labels may differ only where the two top probabilities nearly tie."""
+    base = ["--model", str(finetuned), "--data", str(unlabelled)]
+    predict(*base, "--out", str(tmp_path / "fp32.parquet"))
+    predict(*base, "--out", str(tmp_path / "bf16.parquet"), "--precision", "bf16", "--block-size", "50")
+    exact, fast = table(tmp_path / "fp32.parquet"), table(tmp_path / "bf16.parquet")
+    assert list(exact["cell"]) == list(fast["cell"])
+    emb_exact, emb_fast = np.stack(exact["embedding"]), np.stack(fast["embedding"])
+    assert emb_fast.dtype == np.float32
+    assert not np.array_equal(emb_exact, emb_fast)  # autocast really ran: bf16 rounding shows
+    cos = (emb_exact * emb_fast).sum(1) / np.linalg.norm(emb_exact, axis=1) / np.linalg.norm(emb_fast, axis=1)
+    assert cos.min() > 0.99
+    np.testing.assert_allclose(fast["confidence"], exact["confidence"], atol=0.05)
+    differ = exact["top_label"] != fast["top_label"]
+    margin = exact["top1_prob"] - exact["top2_prob"]
+    assert (margin[differ] < 0.05).all()
+
+
 def test_small_output_matches_stream_output_and_x_is_copied_byte_for_byte(finetuned, unlabelled, tmp_path):
     import anndata as ad
     import h5py
