@@ -249,6 +249,9 @@ def main() -> int:
     p.add_argument("--procs", default="1,2")
     p.add_argument("--methods", default="sclabel,celltypist", help="any of sclabel, celltypist, embed")
     p.add_argument("--tag", default="", help="appended to the sclabel rows' method (e.g. a code version)")
+    p.add_argument(
+        "--precision", default="auto", choices=("auto", "fp32", "bf16"), help="passed to predict / embed"
+    )
     p.add_argument("--block-size", type=int, default=8192)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument(
@@ -277,7 +280,7 @@ def main() -> int:
     # rows measured by an earlier (interrupted) run of the same work directory are kept, not measured again
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
     measured = {(r["method"], r["cells"], r["procs"]) for r in rows}
-    tag = f" {args.tag}" if args.tag else ""
+    tag = (f" {args.tag}" if args.tag else "") + ("" if args.precision == "auto" else f" {args.precision}")
     # every size with sclabel first, then CellTypist: the scaling figures come before the comparison
     for phase in ("sclabel", "embed", "celltypist"):
         if phase not in methods:
@@ -302,7 +305,8 @@ def main() -> int:
                     # predict: the fine-tuned run; embed: the pretrained bundle (the zero-shot use)
                     model = work / (f"run_{flavour}" if phase == "sclabel" else f"bundle_{flavour}")
                     flags = ["--model", str(model), "--data", str(data), "--out", str(out),
-                             "--block-size", str(args.block_size), "--batch-size", str(args.batch_size)]  # fmt: skip
+                             "--block-size", str(args.block_size), "--batch-size", str(args.batch_size),
+                             "--precision", args.precision]  # fmt: skip
                     env = {**os.environ, "OMP_NUM_THREADS": str(2 // nproc)}
                     before = machine_state()
                     if nproc == 1:
