@@ -310,7 +310,13 @@ def run_pass(method: str, state: str, args: argparse.Namespace) -> dict:
     files = data_files(method, args.cells)
     if state == "cold":
         evict(files)
-    info = {"state": state, "resident_before": resident_fraction(files), "loadavg_before": os.getloadavg()}
+    info = {
+        "state": state,
+        "resident_before": resident_fraction(files),
+        "loadavg_before": os.getloadavg(),
+        # a kernel compiled by this pass (none cached yet) costs seconds inside its first batch
+        "numba_kernels_cached_before": numba_cache_state()["kernel_index_files"],
+    }
     if method == "annbatch":
         helper = Path(__file__).with_name("annbatch_bench.py")
         cmd = [str(VENV312 / "bin" / "python"), str(helper), "run", str(paths(args.cells)["annbatch"])]
@@ -365,7 +371,8 @@ def run_all(args: argparse.Namespace) -> dict:
                 f"{method:20s} {state:4s} cached {r['resident_before'] or 0:4.0%}  median {r['cells_per_s']:>9,.0f} "
                 f"cells/s  repeats [{rates}]  {per_cpu:>9,.0f} cells/CPU-s  first batch "
                 f"{r['first_batch_s']:5.2f} s (imports {r.get('import_s', float('nan')):.2f} s)  read {r['storage_read_mb']:5.0f} MB  RSS {r['peak_rss_mb']:5,.0f} MB  "
-                f"load {r['loadavg_before'][0]:.2f}  other processes' cores [{others}]",
+                f"load {r['loadavg_before'][0]:.2f}  kernels cached {r.get('numba_kernels_cached_before')}  "
+                f"other processes' cores [{others}]",
                 flush=True,
             )
     meta["loadavg_end"] = os.getloadavg()
