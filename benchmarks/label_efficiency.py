@@ -244,6 +244,9 @@ def plot(summary: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sclabel_dist.bundle import load_bundle
+    from sclabel_dist.fresh import fresh_bundle_like
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=Path(".bench/label_efficiency"))
     p.add_argument(
@@ -295,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         info = ab.pretrain(seed, work, args, log)
         print(f"seed {seed}: pretrained {info['steps']} steps in {info['minutes']:.1f} min", flush=True)
+        scratch = work / f"seed{seed}/scratch"
+        if not (scratch / "config.json").is_file():  # the from-scratch arm: the same model, fresh weights
+            fresh_bundle_like(load_bundle(work / f"seed{seed}/export"), scratch, seed=seed)
     # k outermost, in the order given: one k's table is complete before the next k starts
     jobs = [
         {
