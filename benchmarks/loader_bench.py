@@ -258,7 +258,7 @@ def run_scdataset(h5ad: Path, args: argparse.Namespace) -> dict:
 
 # What each method reads with, imported before its clock starts. annbatch's clock (annbatch_bench.run),
 # scDataset's and tiledbsoma-ml's have always started after their libraries were imported; ours used to
-# include tiledbsoma's import (~0.55 s, it pulls in anndata and pandas) in the SOMA reader's first batch.
+# include tiledbsoma's import (0.5-1 s: it pulls in anndata and pandas) in the SOMA reader's first batch.
 # Every method's import time is reported beside its first batch as import_s, so nothing is left out.
 OURS = ("sclabel_dist.data.dataset", "numba")
 LIBRARIES = {
@@ -370,7 +370,8 @@ def run_all(args: argparse.Namespace) -> dict:
             print(
                 f"{method:20s} {state:4s} cached {r['resident_before'] or 0:4.0%}  median {r['cells_per_s']:>9,.0f} "
                 f"cells/s  repeats [{rates}]  {per_cpu:>9,.0f} cells/CPU-s  first batch "
-                f"{r['first_batch_s']:5.2f} s (imports {r.get('import_s', float('nan')):.2f} s)  read {r['storage_read_mb']:5.0f} MB  RSS {r['peak_rss_mb']:5,.0f} MB  "
+                f"{r['first_batch_s']:5.2f} s (imports {r.get('import_s', float('nan')):.2f} s)  "
+                f"read {r['storage_read_mb']:5.0f} MB  RSS {r['peak_rss_mb']:5,.0f} MB  "
                 f"load {r['loadavg_before'][0]:.2f}  kernels cached {r.get('numba_kernels_cached_before')}  "
                 f"other processes' cores [{others}]",
                 flush=True,
@@ -435,7 +436,8 @@ def markdown(files: list[str]) -> str:
                     f"| {when} | {method} | {r['state']} | {100 * (r['resident_before'] or 0):.0f}% | "
                     f"{r['cells_per_s']:,.0f} | {' / '.join(f'{x:,.0f}' for x in r['rates'])} | "
                     f"{statistics.median(per_cpu) if per_cpu else 0:,.0f} | "
-                    f"{r['first_batch_s']:.2f} s | {fmt_seconds(r.get('import_s'))} | {r['storage_read_mb']:,.0f} MB | {cpu} | {others} | "
+                    f"{r['first_batch_s']:.2f} s | {fmt_seconds(r.get('import_s'))} | "
+                    f"{r['storage_read_mb']:,.0f} MB | {cpu} | {others} | "
                     f"{r['peak_rss_mb']:,.0f} MB | {r['loadavg_before'][0]:.2f} |"
                 )
     return "\n".join(lines)
