@@ -86,7 +86,10 @@ def resume_elsewhere(run_dirs, common, ref, source, zero: int, nproc: int, exact
     return deltas
 
 
-@pytest.mark.parametrize("zero", [1, 2, 3])
+# ZeRO 3 (the stage with its own universal-load repair) in the default suite; 1 and 2 with the slow tests
+@pytest.mark.parametrize(
+    "zero", [pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 3]
+)
 def test_resume_zero_checkpoint_on_one_rank(run_dirs, tiny_store, zero):
     common, ref, source = reference_run(run_dirs, tiny_store, zero, ELASTIC)
     resume_elsewhere(run_dirs, common, ref, source, zero, nproc=1)
