@@ -58,6 +58,8 @@ class Plan:
 
 def check_job(job: Job) -> None:
     """Refuse bad settings before any file is opened."""
+    if job.precision not in ("auto", "fp32", "bf16"):
+        raise SclabelError(f"--precision {job.precision!r}: choose auto, fp32 or bf16")
     if job.command == "predict" and not 0.0 <= job.threshold <= 1.0:
         raise SclabelError(f"--threshold {job.threshold}: must be between 0 and 1")
     for flag, value in (

@@ -103,7 +103,7 @@ def infer_block(model: torch.nn.Module, block: Any, s: InferenceSettings) -> dic
     from sclabel_dist.annotate.inference import run_model
 
     X = classifier_input(block.X, block.value_kind, s.genes)
-    # bf16 autocast where asked (a GPU's tensor cores by default; a CPU's AMX units on request), exact float32
+    # bf16 autocast where asked (a GPU's tensor cores by default; a CPU's AMX / AVX512-BF16 on request), fp32
     # otherwise. run_model batches cells of similar length together and masks the rest as padding.
     with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.bf16):
         emb, prob = run_model(model, X, s.tok_cfg, "lognorm", batch_size=s.batch_size, device=s.device)

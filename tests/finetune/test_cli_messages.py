@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 from conftest import FAST, HELD_OUT
 from helpers import finetune_args, sclabel
 
@@ -57,3 +58,13 @@ def test_epochs_are_counted_from_one_in_what_finetune_prints_and_writes(tiny_bun
     assert lines and lines[0] == "1" and "epoch 0 " not in proc.stdout
     assert f"best epoch: {best};" in (out / "model" / "README.md").read_text()
     assert json.loads((out / "model" / "config.json").read_text())["finetune"]["best_epoch"] == best
+
+
+def test_a_job_with_an_unknown_precision_is_refused_before_any_file_is_opened(tmp_path):
+    """The CLI's choices stop it there; a Job built in code meets the same rule in check_job."""
+    from sclabel_dist.annotate.runner import Job, check_job
+    from sclabel_dist.errors import SclabelError
+
+    with pytest.raises(SclabelError, match="--precision 'fp16'"):
+        check_job(Job(command="embed", model="m", data="d", out=tmp_path / "o.parquet", precision="fp16"))
+    check_job(Job(command="embed", model="m", data="d", out=tmp_path / "o.parquet", precision="bf16"))
