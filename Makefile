@@ -2,7 +2,7 @@
 .PHONY: setup test test-all lint quickstart
 
 setup:
-	python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -e ".[dev]"
+	python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -e ".[dev]" && sclabel-data compile-kernels
 
 test:
 	. .venv/bin/activate && pytest

@@ -178,7 +178,8 @@ def versions(python: str, names: tuple[str, ...]) -> dict:
 
 def numba_cache_state() -> dict:
     """Whether the compiled kernels' cache (kernels.py, cache=True) exists before the run: a fresh clone has
-    none, and then the first process of a run compiles them (seconds, inside its first batch)."""
+    none until `sclabel-data compile-kernels`; without it a tokenised stream compiles its kernel inside its
+    first batch (seconds), a raw one after (its first batches take numpy paths)."""
     import importlib.util
 
     cache_dir = os.environ.get("NUMBA_CACHE_DIR")

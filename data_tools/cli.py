@@ -1,4 +1,5 @@
-"""The `sclabel-data` command (also `python -m data_tools`): ingest, synth, to-soma, inspect, validate."""
+"""The `sclabel-data` command (also `python -m data_tools`): ingest, synth, to-soma, inspect, validate,
+compile-kernels."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ COMMANDS = {
     "to-soma": ("data_tools.to_soma", "convert an .h5ad or a cell store into a TileDB-SOMA experiment"),
     "inspect": ("data_tools.inspect", "summarise a cell store"),
     "validate": ("data_tools.validate", "verify a cell store's checksums and index"),
+    "compile-kernels": (
+        "sclabel_dist.data.kernel_warmup",
+        "compile the loader's kernels once after an install (~20-40 s; cached for every later process)",
+    ),
 }
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from sclabel_dist.config import DataConfig, TokenizeConfig
-from sclabel_dist.data import partition, shuffle
+from sclabel_dist.data import kernel_warmup, partition, shuffle
 from sclabel_dist.data.batch import CellBatch
 from sclabel_dist.data.corpus import Corpus, build_corpus
 from sclabel_dist.data.stores.base import CSRBlock
@@ -62,32 +62,6 @@ def _keep_freed_memory() -> None:
         libc.mallopt(-3, _MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, _TRIM_THRESHOLD)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
-        pass
-
-
-_started = threading.Event()  # the process-wide kernel warm-up has been started
-
-
-def start_kernel_warmup() -> None:
-    """Import numba and the kernels and initialise numba's CPU target in a background thread, once per process.
-
-    That is ~0.7 s of one core the first batch would otherwise wait for (importing numba ~0.25 s; its first
-    call of any compiled function loads numba's own registries, scipy.linalg included for its BLAS check,
-    ~0.45 s), started here before the stores open (build_dataset) so that it overlaps them and the first
-    window's read. Much of it is imports (holding the GIL), so it is worth it only before a stream starts."""
-    if _started.is_set():
-        return
-    _started.set()
-    threading.Thread(target=_init_kernels, name="sclabel-kernels", daemon=True).start()
-
-
-def _init_kernels() -> None:
-    try:
-        from sclabel_dist.data.kernels import take_rows
-
-        empty = np.zeros(0, dtype=np.int64)
-        take_rows(np.zeros(1, np.int64), empty.astype(np.uint16), empty.astype(np.uint8), empty)
-    except Exception:  # noqa: BLE001 - a warm-up only: the stream reports its own errors
         pass
 
 
@@ -134,30 +108,38 @@ class StreamingCellDataset:
         self._carry: tuple[int, dict[int, Future], int] | None = None
         self._pin = torch.cuda.is_available()
         _keep_freed_memory()
-        # The compiled kernels are made ready in threads of their own while the stores open and the first
-        # window is read, instead of before the first read (benchmarks/RESULTS.md, issue 20 session 7).
-        start_kernel_warmup()
+        # The compiled kernels are made ready in a thread of their own (kernel_warmup): a tokenised stream's
+        # while the first window is read, a raw stream's once its first batch is out, having taken the numpy
+        # paths until then (benchmarks/RESULTS.md, issue 20, sessions 7 and 10).
+        self._owns_warmup = kernel_warmup.start()
         self._handed_out = threading.Event()  # the first batch has reached the caller
         self._warm = threading.Thread(target=self._warm_kernels, name="sclabel-warm", daemon=True)
         self._warm.start()
 
     def _warm_kernels(self) -> None:
-        """Run the first batch's code on one cell of the first store: loads the cached code of the signatures
-        the stream will call (a batch that needs one meanwhile waits on numba's compile lock and then finds it
-        loaded). Then, once the first batch is out, one full garbage collection (~0.1 s holding the GIL), here
-        rather than at a random point mid-stream in every thread: importing numba made ~100k objects. Failures
-        are left to the stream to report."""
+        """Run the first batch's code on one cell of the first store with the compiled kernels: loads the
+        cached code of the signatures the stream will call (a batch that needs one meanwhile waits on numba's
+        compile lock and then finds it loaded). A raw stream does it after its first batch. Then, once the
+        first batch is out, one full garbage collection (~0.1 s holding the GIL), here rather than at a random
+        point mid-stream in every thread: importing numba made ~100k objects. Failures are left to the
+        stream to report."""
         import gc
 
+        if self.raw:
+            self._handed_out.wait(timeout=30)
         try:
-            import sclabel_dist.data.kernels  # noqa: F401
+            with kernel_warmup.warming():
+                import sclabel_dist.data.kernels  # noqa: F401
 
-            if self.corpus.total_rows:
-                first = next(s for s, n in enumerate(self.corpus.num_rows) if n)
-                block, order = self.corpus.read(np.array([first]), np.zeros(1, dtype=np.int64))
-                self._batch_from(block, order, np.random.default_rng(0))
+                if self.corpus.total_rows:
+                    first = next(s for s, n in enumerate(self.corpus.num_rows) if n)
+                    block, order = self.corpus.read(np.array([first]), np.zeros(1, dtype=np.int64))
+                    self._batch_from(block, order, np.random.default_rng(0))
         except Exception:  # noqa: BLE001 - only a warm-up: the stream reports its own errors
             pass
+        finally:
+            if self._owns_warmup:
+                kernel_warmup.finish()
         self._handed_out.wait(timeout=30)
         gc.collect()
 
@@ -430,7 +412,8 @@ def build_dataset(
     grad_accum: int = 1,
 ) -> StreamingCellDataset:
     """Open the corpus of `split` and return this rank's stream (raw=True: CSRBlock batches, no tokenising)."""
-    start_kernel_warmup()  # while the stores open
+    if not raw:  # numba's initialisation overlaps the stores' opening (a raw stream's first batch needs none)
+        threading.Thread(target=kernel_warmup.init_numba, name="sclabel-kernels", daemon=True).start()
     corpus = build_corpus(data, split=split, seed=seed)
     return StreamingCellDataset(
         corpus,

@@ -49,14 +49,30 @@ def test_soma_and_zarr_give_identical_rows(store_a, soma_a, vocab):
     np.testing.assert_array_equal(s.obs_values("tissue"), z.obs_values("tissue"))
 
 
-@pytest.mark.parametrize("compiled", [True, False])
-def test_soma_runs_split_over_queries(store_a, soma_a, vocab, monkeypatch, compiled):
-    """Runs and single rows over several queries (7 rows each), with the numba and the numpy conversion;
-    soma_a's var order is the vocabulary's reversed, so every row's genes need sorting."""
+def kernels_warming_up(monkeypatch) -> None:
+    """This process as while a stream's kernel warm-up is under way in another thread."""
+    import threading
+
+    from sclabel_dist.data import kernel_warmup
+
+    monkeypatch.setattr(kernel_warmup, "_started", threading.Event())
+    monkeypatch.setattr(kernel_warmup, "_ready", threading.Event())
+    assert kernel_warmup.start() and not kernel_warmup.compiled_ready()
+
+
+@pytest.mark.parametrize("path", ["numba", "no numba", "warming up"])
+def test_soma_runs_split_over_queries(store_a, soma_a, vocab, monkeypatch, path):
+    """Runs and single rows over several queries (7 rows each), with the numba and the numpy conversion (no
+    numba, or its kernels warming up); soma_a's var order is the vocabulary's reversed, so every row's genes
+    need sorting."""
+    from sclabel_dist.data import kernels
     from sclabel_dist.data.stores import soma_store
 
     monkeypatch.setattr(soma_store, "_ROWS_PER_QUERY", 7)
-    monkeypatch.setattr(soma_store, "HAVE_NUMBA", compiled)
+    monkeypatch.setattr(soma_store, "HAVE_NUMBA", path != "no numba")
+    if path == "warming up":
+        kernels_warming_up(monkeypatch)
+        monkeypatch.setattr(kernels, "coo_to_csr", None)  # a call while warming up would fail
     _, m = store_a
     store = open_store(str(soma_a), vocab=vocab)
     rows = np.concatenate([np.arange(0, 40), np.arange(120, 140), [200, 469]])
@@ -90,6 +106,51 @@ def test_coo_to_csr_kernel(order):
     np.testing.assert_array_equal(data, expected.data)
     empty = coo_to_csr(dim0[:0], dim1[:0], values[:0], joinids, gene_of_col, np.uint16)
     assert (empty[0] == 0).all() and len(empty[1]) == 0
+
+
+@pytest.mark.parametrize(("index_dtype", "data_dtype"), [(np.uint16, np.uint8), (np.uint32, np.float32)])
+def test_numpy_row_gather_equals_the_kernel(index_dtype, data_dtype):
+    """The raw path's numpy twin (taken while the kernels warm up) gives take_rows' arrays, dtypes included."""
+    from sclabel_dist.data.kernels import take_rows
+    from sclabel_dist.data.stores.base import take_rows_numpy
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(0, 40, 300)
+    lengths[::7] = 0
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    indices = rng.integers(0, 5000, indptr[-1]).astype(index_dtype)
+    data = rng.integers(1, 200, indptr[-1]).astype(data_dtype)
+    for rows in (rng.permutation(300)[:77], np.array([5, 5, 0, 299, 7]), np.zeros(0, np.int64)):
+        kernel_arrays = take_rows(indptr, indices, data, rows)
+        for kernel, twin in zip(kernel_arrays, take_rows_numpy(indptr, indices, data, rows), strict=True):
+            assert kernel.dtype == twin.dtype
+            np.testing.assert_array_equal(kernel, twin)
+
+
+def test_take_waits_for_no_kernel_while_they_warm_up(store_a, monkeypatch):
+    """CSRBlock.take takes the numpy gather while a warm-up is under way, the kernel in the warm-up's own thread
+    and once it has finished."""
+    from sclabel_dist.data import kernel_warmup, kernels
+
+    path, m = store_a
+    block = open_store(str(path)).read_rows(np.arange(100))
+    rows = np.array([30, 2, 2, 99])
+    kernels_warming_up(monkeypatch)
+    compiled, gathered = kernels.take_rows, []
+
+    def counted(*args):
+        gathered.append(args)
+        return compiled(*args)
+
+    monkeypatch.setattr(kernels, "take_rows", counted)
+    np.testing.assert_array_equal(dense(block.take(rows)), m[rows].toarray())
+    assert not gathered
+    with kernel_warmup.warming():
+        np.testing.assert_array_equal(dense(block.take(rows)), m[rows].toarray())
+    assert len(gathered) == 1
+    kernel_warmup.finish()
+    np.testing.assert_array_equal(dense(block.take(rows)), m[rows].toarray())
+    assert len(gathered) == 2
 
 
 def test_lognorm_flag_and_take(store_ln):

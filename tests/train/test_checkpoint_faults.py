@@ -69,6 +69,7 @@ def test_crafted_checkpoint_runs_no_code_on_resume_or_export(tmp_path, run_dirs,
     assert not marker.exists()
 
 
+@pytest.mark.slow  # ~20-30 s of two-rank runs: CI runs it with the slow tests
 def test_corrupt_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, run_dirs, tiny_store):
     root, dirs = run_dirs("corrupt")
     extra, _ = data_args(tiny_store)
@@ -103,6 +104,7 @@ def wait_for_steps(log_dir, n: int, timeout: float = 180) -> None:
     raise AssertionError(f"no {n} logged steps in {log_dir} after {timeout}s")
 
 
+@pytest.mark.slow  # ~20-30 s of two-rank runs: CI runs it with the slow tests
 def test_killed_agent_takes_its_workers_and_a_second_run_is_refused(run_dirs, tiny_store):
     root, dirs = run_dirs("locked")
     extra, _ = data_args(tiny_store)

@@ -104,6 +104,7 @@ def test_resume_zero_checkpoint_on_four_ranks(run_dirs, tiny_store, zero):
     resume_elsewhere(run_dirs, common, ref, source, zero, nproc=4)
 
 
+@pytest.mark.slow  # ~20-30 s of two-rank runs: CI runs it with the slow tests
 def test_the_rank_local_order_is_not_exact_on_another_world_size(run_dirs, tiny_store):
     """The control that shows the 1e-5 check can fail: the default (rank-local) order repartitions what is
     left of the epoch on the new ranks (nothing skipped or repeated, but other cells per step), so its
@@ -133,6 +134,7 @@ def test_a_world_size_that_cannot_keep_the_global_batch_is_refused(run_dirs, tin
     assert written() == before  # nothing written
 
 
+@pytest.mark.slow  # ~20-30 s of two-rank runs: CI runs it with the slow tests
 def test_a_conversion_killed_half_way_is_never_picked_up(run_dirs, tiny_store):
     extra, _ = data_args(tiny_store)
     root, dirs = run_dirs("killed_conversion")

@@ -2,8 +2,9 @@
 
 Row i of the store is the i-th obs soma_joinid in ascending order. A read_rows call is one SOMA point query
 per 1,024 rows (TileDB merges adjacent coordinates into ranges), returned in TileDB's global order; each COO
-result is mapped to vocabulary genes and put in CSR order by one compiled pass (kernels.coo_to_csr), or
-without numba by one sort of packed 64-bit keys (row | gene | value bits).
+result is mapped to vocabulary genes and put in CSR order by one compiled pass (kernels.coo_to_csr), or by
+one sort of packed 64-bit keys (row | gene | value bits) without numba or while its kernels warm up
+(kernel_warmup).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from sclabel_dist.data import kernel_warmup
 from sclabel_dist.data.input_rules import pick_ensembl_column
 from sclabel_dist.data.stores.base import HAVE_NUMBA, CSRBlock, checked_rows
 from sclabel_dist.errors import SclabelError
@@ -133,7 +135,7 @@ class SomaCellStore:
         dim0 = table["soma_dim_0"].to_numpy()
         dim1 = table["soma_dim_1"].to_numpy()
         values = table["soma_data"].to_numpy()
-        if HAVE_NUMBA:
+        if HAVE_NUMBA and kernel_warmup.compiled_ready():
             from sclabel_dist.data.kernels import coo_to_csr
 
             index_dtype = np.uint16 if self.num_genes < 0xFFFF else np.uint32
