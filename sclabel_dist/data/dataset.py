@@ -413,7 +413,7 @@ def build_dataset(
 ) -> StreamingCellDataset:
     """Open the corpus of `split` and return this rank's stream (raw=True: CSRBlock batches, no tokenising)."""
     if not raw:  # numba's initialisation overlaps the stores' opening (a raw stream's first batch needs none)
-        threading.Thread(target=kernel_warmup.init_numba, name="sclabel-kernels", daemon=True).start()
+        kernel_warmup.start_numba_init()
     corpus = build_corpus(data, split=split, seed=seed)
     return StreamingCellDataset(
         corpus,

@@ -19,6 +19,7 @@ import numpy as np
 _lock = threading.Lock()
 _started = threading.Event()  # a warm-up was started in this process
 _ready = threading.Event()  # ... and it has finished (successfully or not: the stream reports errors)
+_numba_init = threading.Event()  # start_numba_init has run
 _local = threading.local()  # .warming: this thread is the warm-up, which must call the kernels themselves
 
 
@@ -52,9 +53,18 @@ def warming() -> Iterator[None]:
         _local.warming = False
 
 
-def init_numba() -> None:
-    """Import the kernels and initialise numba's CPU target with the cheapest cached call (a warm-up: the
-    stream reports its own errors)."""
+def start_numba_init() -> None:
+    """Initialise numba's CPU target in a background thread, once per process (a tokenised stream does it
+    while its stores open: its first batch needs the kernels)."""
+    with _lock:
+        if _numba_init.is_set():
+            return
+        _numba_init.set()
+    threading.Thread(target=_init_numba, name="sclabel-kernels", daemon=True).start()
+
+
+def _init_numba() -> None:
+    """Import the kernels and make the cheapest cached call (a warm-up: the stream reports its own errors)."""
     try:
         from sclabel_dist.data.kernels import take_rows
 
@@ -67,8 +77,9 @@ def init_numba() -> None:
 def compile_all() -> list[str]:
     """Compile (or load from numba's on-disk cache) the kernels of the usual store layouts: uint16 gene
     indices; uint8, uint16 and uint32 counts or float32 log-normalised values; binned and continuous
-    tokens, with the gene bag; the row gather; the SOMA conversion. The first process after an install
-    otherwise compiles the ones it meets inside its first batches (seconds each). Returns what it ran."""
+    tokens, with the gene bag; the row gather; the SOMA conversion. Otherwise the first process after an
+    install compiles the ones it meets (seconds each): a tokenised stream inside its first batch, a raw one
+    beside its first batches. Returns what it ran."""
     from sclabel_dist.config import TokenizeConfig
     from sclabel_dist.data import kernels
     from sclabel_dist.data.tokenize import tokenize_block
